@@ -1,0 +1,53 @@
+"""Backends behind one contract (`base.Backend`); `create` builds one from a model spec.
+
+Tests cannot reach a model by accident: when RETORT_ALLOWED_BACKENDS is set
+(tests set it to `scripted`), any other backend refuses to be created.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from retort.backends.base import Backend, Completion, Request
+from retort.errors import BackendError
+
+__all__ = ["Backend", "Completion", "Request", "create", "parse_target"]
+
+MODULES = {"local": "local", "openai": "openai", "scripted": "scripted", "vllm": "vllm", "langchain": "langchain"}
+
+
+def create(name: str, config: dict[str, Any]) -> Backend:
+    kind = config.get("backend", "local")
+    allowed = os.environ.get("RETORT_ALLOWED_BACKENDS")
+    if allowed is not None and kind not in allowed.split(","):
+        raise BackendError(f"backend {kind!r} is disabled here (RETORT_ALLOWED_BACKENDS={allowed}); "
+                           "tests that need it say so with a marker", model=name)
+    module = importlib.import_module(f"retort.backends.{MODULES[kind]}")
+    return module.from_config(config)  # type: ignore[no-any-return]
+
+
+def parse_target(target: str) -> dict[str, Any]:
+    """The `--model NAME=TARGET` short forms: point a named model at another backend.
+
+        local                          the embedded llama.cpp model
+        http://127.0.0.1:8000/v1       an OpenAI-compatible server (keeps the spec's model name)
+        http://host/v1#served-name     ... serving another model name
+        openai:gpt-4o-mini             api.openai.com, key from OPENAI_API_KEY
+        scripted:module:function       replies from a function
+    """
+    if target == "local":
+        return {"backend": "local"}
+    if target.startswith(("http://", "https://")):
+        url, _, model = target.partition("#")
+        return {"backend": "openai", "base_url": url, **({"model": model} if model else {})}
+    if target.startswith("openai:"):
+        return {"backend": "openai", "model": target[7:], "base_url": "https://api.openai.com/v1",
+                "api_key_env": "OPENAI_API_KEY"}
+    if target.startswith("scripted:"):
+        return {"backend": "scripted", "function": target[9:]}
+    if target.startswith("vllm:"):
+        return {"backend": "vllm", "model": target[5:]}
+    raise BackendError(f"--model target {target!r}: expected local, a URL, openai:MODEL, vllm:MODEL "
+                       "or scripted:module:function")

@@ -1,0 +1,77 @@
+"""A scripted backend shipped in the package, for tests (ours and users').
+
+    ScriptedBackend(replies=["a", "b"])          # a reply queue, consumed in call order
+    ScriptedBackend(function=lambda req: "...")  # a reply computed from the request
+
+In a pipeline: `backend: scripted` with `replies: [...]` or `function: module:attr`.
+A function may return a string, a list of `n` strings, or raise BackendError to
+simulate a failed call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from retort.backends.base import Completion, Request
+from retort.errors import BackendError
+
+Reply = str | list[str]
+
+
+class ScriptedBackend:
+    def __init__(self, replies: Iterable[str] | None = None,
+                 function: Callable[[Request], Reply] | None = None, *,
+                 name: str = "scripted", cycle: bool = False, max_concurrency: int = 64,
+                 delay: float = 0.0) -> None:
+        if (replies is None) == (function is None):
+            raise ValueError("ScriptedBackend takes replies or a function, not both")
+        self.identity = f"scripted:{name}"
+        self.max_concurrency = max_concurrency
+        self.delay = delay
+        self.calls: list[Request] = []  # every request seen, for assertions in tests
+        self._function = function
+        if replies is not None:
+            replies = list(replies)
+            self._replies: Iterable[str] = itertools.cycle(replies) if cycle else iter(replies)
+
+    async def complete(self, request: Request) -> Completion:
+        self.calls.append(request)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self._function is not None:
+            out = self._function(request)
+            texts = [out] * request.n if isinstance(out, str) else list(out)
+        else:
+            try:
+                texts = [next(self._replies) for _ in range(request.n)]  # type: ignore[call-overload]
+            except StopIteration:
+                raise BackendError("scripted reply queue is empty", model=self.identity) from None
+        if len(texts) != request.n:
+            raise BackendError(f"scripted function returned {len(texts)} replies, expected {request.n}",
+                               model=self.identity)
+        words = sum(len(m["content"].split()) for m in request.messages)
+        return Completion(texts=texts, prompt_tokens=words,
+                          completion_tokens=sum(len(t.split()) for t in texts))
+
+    async def check(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+def echo(request: Request) -> str:
+    """A function for `function: retort.backends.scripted:echo`: replies with the last user message."""
+    return next(m["content"] for m in reversed(request.messages) if m["role"] == "user")
+
+
+def from_config(config: dict[str, Any]) -> ScriptedBackend:
+    from retort.workspace import import_object
+
+    fn = import_object(config["function"]) if config.get("function") else None
+    return ScriptedBackend(replies=config.get("replies"), function=fn, name=config.get("name", "scripted"),
+                           cycle=bool(config.get("cycle", False)),
+                           max_concurrency=int(config.get("max_concurrency") or 64))

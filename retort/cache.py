@@ -1,0 +1,247 @@
+"""The cache and the records: one DuckDB file per workspace.
+
+Tables in `main`:
+    calls      one row per sample, keyed by SHA-256 (see `call_key`)
+    runs       one row per run: pipeline, spec hash, status, counts
+    failures   calls that failed after retries, and stages that crashed
+    metrics    numbers evaluators return, per run
+Each run writes its stage tables into its own schema `run_<id>` and then
+points a view `main.<stage>` at them, so `retort show STAGE` reads the latest
+run and `--run N` any earlier one.
+
+Writes are group commits of Arrow batches, never row by row (DuckDB's
+executemany manages ~2,000 rows/s here; an Arrow insert, millions). The runner
+calls `maybe_flush()` as it goes and a ticker flushes at least once a second,
+so a process killed with SIGKILL loses at most the last second of calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+
+from retort.errors import CacheError
+
+FLUSH_SECONDS = 1.0
+FLUSH_ROWS = 50_000
+KEEP_RUNS = 20
+
+CALL_FIELDS = [
+    ("key", pa.string()), ("model", pa.string()), ("messages", pa.string()), ("params", pa.string()),
+    ("sample", pa.int32()), ("attempt", pa.int32()), ("text", pa.string()), ("finish_reason", pa.string()),
+    ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()), ("latency_ms", pa.float64()),
+    ("run_id", pa.int32()), ("stage", pa.string()), ("created_at", pa.timestamp("us")),
+]
+CALL_SCHEMA = pa.schema(CALL_FIELDS)
+
+DDL = """
+CREATE TABLE IF NOT EXISTS calls (key VARCHAR, model VARCHAR, messages VARCHAR, params VARCHAR, sample INTEGER,
+    attempt INTEGER, text VARCHAR, finish_reason VARCHAR, prompt_tokens INTEGER, completion_tokens INTEGER,
+    latency_ms DOUBLE, run_id INTEGER, stage VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS runs (run_id INTEGER, pipeline VARCHAR, spec_path VARCHAR, spec_hash VARCHAR,
+    started_at TIMESTAMP, finished_at TIMESTAMP, status VARCHAR, argv VARCHAR, stats JSON);
+CREATE TABLE IF NOT EXISTS failures (run_id INTEGER, stage VARCHAR, row_id VARCHAR, call_key VARCHAR,
+    error VARCHAR, status INTEGER, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS metrics (run_id INTEGER, pipeline VARCHAR, stage VARCHAR, name VARCHAR,
+    value DOUBLE, data JSON, created_at TIMESTAMP);
+"""
+
+
+def request_base(model: str, messages: list[dict[str, str]], params: dict[str, Any],
+                 schema: dict[str, Any] | None) -> bytes:
+    """Canonical JSON of everything but the sample index that changes a completion."""
+    return orjson.dumps({"model": model, "messages": messages, "params": params, "schema": schema},
+                        option=orjson.OPT_SORT_KEYS)
+
+
+def call_key(base: bytes, sample: int, attempt: int = 0) -> str:
+    """SHA-256 of the canonical request JSON, then `#sample` (and `.attempt` for a re-ask).
+
+    The sample index is part of the key so raising `samples` from 4 to 8 finds
+    samples 0-3 and makes exactly 4 new calls.
+    """
+    suffix = f"#{sample}" if not attempt else f"#{sample}.{attempt}"
+    return hashlib.sha256(base + suffix.encode()).hexdigest()
+
+
+class Cache:
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
+        self.path = Path(path)
+        if read_only and not self.path.exists():
+            raise CacheError(f"no retort database at {self.path}; run a pipeline first")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as exc:
+            text = str(exc)
+            if "lock" in text.lower():
+                holder = text.split("Conflicting lock is held in", 1)[-1].split("See also")[0].strip()
+                raise CacheError(f"{self.path} is in use by another process ({holder}); wait for it to finish, "
+                                 "or use another workspace or --db") from None
+            raise CacheError(f"cannot open {self.path}: {text}") from None
+        except duckdb.Error as exc:
+            raise CacheError(f"{self.path} is not a usable DuckDB file: {exc}") from None
+        # Pipelines' SQL must not read or write files; data enters only through Arrow.
+        self.con.execute("SET enable_external_access = false")
+        if not read_only:
+            self.con.execute(DDL)
+        self._calls: list[tuple[Any, ...]] = []
+        self._call_index: dict[str, tuple[str, int, int]] = {}
+        self._rows: dict[str, list[dict[str, Any]]] = {}
+        self._created: set[str] = set()
+        self._failures: list[tuple[Any, ...]] = []
+        self.last_flush = time.monotonic()
+        self.flushed_calls = 0
+
+    # ------------------------------------------------------------ runs
+
+    def start_run(self, pipeline: str, spec_path: str, spec_hash: str, argv: str) -> int:
+        run_id = int(self.con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchall()[0][0])  # type: ignore[index]
+        self.con.execute("INSERT INTO runs VALUES (?, ?, ?, ?, now(), NULL, 'running', ?, NULL)",
+                         [run_id, pipeline, spec_path, spec_hash, argv])
+        self.con.execute(f"CREATE SCHEMA IF NOT EXISTS run_{run_id}")
+        return run_id
+
+    def finish_run(self, run_id: int, status: str, stats: dict[str, Any], stages: Iterable[str]) -> None:
+        self.flush()
+        for stage in stages:
+            if self.table_exists(f"run_{run_id}", stage):
+                self.con.execute(f'CREATE OR REPLACE VIEW main."{stage}" AS SELECT * FROM run_{run_id}."{stage}"')
+        self.con.execute("UPDATE runs SET finished_at = now(), status = ?, stats = ? WHERE run_id = ?",
+                         [status, orjson.dumps(stats).decode(), run_id])
+        self._prune(run_id)
+        self.con.execute("CHECKPOINT")
+
+    def _prune(self, run_id: int) -> None:
+        """Keep the stage tables of the last KEEP_RUNS runs; calls are kept forever."""
+        for (schema,) in self.con.execute(
+                "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 'run_%' "
+                "AND TRY_CAST(substr(schema_name, 5) AS INTEGER) <= ?", [run_id - KEEP_RUNS]).fetchall():
+            self.con.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+    def table_exists(self, schema: str, name: str) -> bool:
+        return bool(self.con.execute("SELECT count(*) FROM information_schema.tables "
+                                     "WHERE table_schema = ? AND table_name = ?", [schema, name]).fetchall()[0][0])  # type: ignore[index]
+
+    # ------------------------------------------------------------ calls
+
+    def lookup(self, keys: list[str]) -> dict[str, tuple[str, int, int]]:
+        """key → (text, prompt_tokens, completion_tokens) for the keys already cached."""
+        found = {k: self._call_index[k] for k in keys if k in self._call_index}
+        if len(found) == len(keys):
+            return found
+        batch = pa.table({"key": pa.array(keys, pa.string())})
+        self.con.register("_lookup", batch)
+        try:
+            rows = self.con.execute("SELECT c.key, c.text, c.prompt_tokens, c.completion_tokens "
+                                    "FROM calls c SEMI JOIN _lookup l ON c.key = l.key").fetchall()
+        finally:
+            self.con.unregister("_lookup")
+        for key, text, pt, ct in rows:
+            found[key] = (text, pt or 0, ct or 0)
+        return found
+
+    def add_call(self, key: str, model: str, messages: list[dict[str, str]], params: dict[str, Any],
+                 sample: int, attempt: int, text: str, finish_reason: str | None, prompt_tokens: int,
+                 completion_tokens: int, latency_ms: float, run_id: int, stage: str) -> None:
+        self._calls.append((key, model, orjson.dumps(messages).decode(), orjson.dumps(params).decode(),
+                            sample, attempt, text, finish_reason, prompt_tokens, completion_tokens, latency_ms,
+                            run_id, stage, None))
+        self._call_index[key] = (text, prompt_tokens, completion_tokens)
+
+    def add_failure(self, run_id: int, stage: str, row_id: str | None, key: str | None, error: str,
+                    status: int | None = None) -> None:
+        self._failures.append((run_id, stage, row_id, key, error, status))
+
+    # ------------------------------------------------------------ stage tables
+
+    def add_rows(self, table: str, rows: list[dict[str, Any]]) -> None:
+        self._rows.setdefault(table, []).extend(rows)
+
+    def write_table(self, table: str, data: pa.Table) -> None:
+        """Create or replace a whole table from Arrow (input tables, SQL and Python stage results)."""
+        data = _nulls_as_strings(data)
+        self.con.register("_batch", data)
+        try:
+            self.con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _batch")
+        finally:
+            self.con.unregister("_batch")
+        self._created.add(table)
+
+    def drop_table(self, table: str) -> None:
+        self.con.execute(f"DROP TABLE IF EXISTS {table}")
+        self._created.discard(table)
+        self._rows.pop(table, None)
+
+    # ------------------------------------------------------------ group commit
+
+    def maybe_flush(self) -> None:
+        pending = len(self._calls) + sum(len(r) for r in self._rows.values())
+        if pending >= FLUSH_ROWS or (pending and time.monotonic() - self.last_flush >= FLUSH_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        """One transaction: calls first, then the stage rows that depend on them."""
+        calls, self._calls = self._calls, []
+        rows, self._rows = self._rows, {}
+        failures, self._failures = self._failures, []
+        self.last_flush = time.monotonic()
+        if not (calls or rows or failures):
+            return
+        now = pa.scalar(time.time_ns() // 1000, pa.timestamp("us"))
+        self.con.execute("BEGIN")
+        try:
+            if calls:
+                cols = list(zip(*calls, strict=True))
+                arrays = [pa.array(col, type=f[1]) for col, f in zip(cols[:-1], CALL_FIELDS[:-1], strict=True)]
+                arrays.append(pa.array([now.value] * len(calls), pa.timestamp("us")))
+                self._insert("calls", pa.Table.from_arrays(arrays, schema=CALL_SCHEMA))
+            for table, batch in rows.items():
+                if batch:
+                    self._insert(table, _nulls_as_strings(pa.Table.from_pylist(batch)))
+            if failures:
+                self._insert("failures", pa.table({
+                    "run_id": [f[0] for f in failures], "stage": [f[1] for f in failures],
+                    "row_id": pa.array([f[2] for f in failures], pa.string()),
+                    "call_key": pa.array([f[3] for f in failures], pa.string()),
+                    "error": [f[4] for f in failures], "status": pa.array([f[5] for f in failures], pa.int32()),
+                    "created_at": pa.array([now.value] * len(failures), pa.timestamp("us"))}))
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.flushed_calls += len(calls)
+        for call in calls:  # flushed calls are found by SQL now; keep the in-memory index small
+            self._call_index.pop(call[0], None)
+
+    def _insert(self, table: str, data: pa.Table) -> None:
+        self.con.register("_batch", data)
+        try:
+            if table in self._created or table in ("calls", "failures"):
+                self.con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
+            else:
+                self.con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _batch")
+                self._created.add(table)
+        finally:
+            self.con.unregister("_batch")
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.con.close()
+
+
+def _nulls_as_strings(table: pa.Table) -> pa.Table:
+    """A column that is all null in a batch has Arrow type null; store it as text."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_null(field.type):
+            table = table.set_column(i, pa.field(field.name, pa.string()), table.column(i).cast(pa.string()))
+    return table

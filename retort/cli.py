@@ -1,0 +1,351 @@
+"""The command line: `retort run|validate|plan|list|show|export|cache|schema|init`.
+
+Errors become one line and an exit code here, and only here; `--debug` shows
+the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from retort import __version__
+from retort.errors import NotFoundError, RetortError, UserError
+
+EXIT_FAILURES = 1
+
+
+def _workspace(args: argparse.Namespace) -> Any:
+    from retort.workspace import Workspace
+
+    return Workspace(args.workspace)
+
+
+def _db_path(args: argparse.Namespace) -> Path:
+    return Path(args.db) if args.db else _workspace(args).db_path
+
+
+def _kv(items: list[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{flag} {item!r}: expected NAME=VALUE")
+        out[key] = value
+    return out
+
+
+def _runner(args: argparse.Namespace, mode: str, cache: Any, progress: Any = None) -> Any:
+    from retort import backends
+    from retort.runner import Runner
+    from retort.spec import load_pipeline
+
+    ws = _workspace(args)
+    pipeline, source = load_pipeline(ws.pipeline(args.pipeline), args.set or [])
+    targets = {name: backends.parse_target(t) for name, t in _kv(args.model, "--model").items()}
+    return Runner(ws, pipeline, source, cache, mode=mode, input_path=args.input, columns=_kv(args.map, "--map"),
+                  limit=args.limit, model_targets=targets, progress=progress, max_retries=args.retries,
+                  argv=shlex.join(sys.argv[1:]))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from retort.cache import Cache
+    from retort.progress import RichProgress, print_summary
+
+    cache = Cache(_db_path(args))
+    try:
+        with RichProgress(enabled=not args.quiet) as progress:
+            runner = _runner(args, "run", cache, progress)
+            result = asyncio.run(runner.execute())
+    finally:
+        cache.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_summary(result)
+    failures = result.failures
+    if failures > args.max_failures:
+        print(f"{failures} failure(s), more than --max-failures {args.max_failures}; "
+              f"see `retort show failures`", file=sys.stderr)
+        return EXIT_FAILURES
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from retort.cache import Cache
+    from retort.progress import print_plan
+
+    cache = Cache(_db_path(args))
+    try:
+        result = asyncio.run(_runner(args, "plan", cache).execute())
+    finally:
+        cache.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_plan(result)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from retort.cache import Cache
+
+    cache = Cache(":memory:")
+    try:
+        runner = _runner(args, "validate", cache)
+        result = asyncio.run(runner.execute())
+    finally:
+        cache.close()
+    stages = ", ".join(f"{s.name} ({s.kind})" for s in result.stages)
+    print(f"ok: {runner.src.file}: {len(result.stages)} stages valid: {stages}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from retort.spec import load_pipeline
+
+    ws = _workspace(args)
+    table = Table(title="pipelines", title_justify="left")
+    for col in ("name", "stages", "description", "path"):
+        table.add_column(col)
+    for name, path in ws.pipelines().items():
+        try:
+            spec, _ = load_pipeline(path)
+            table.add_row(name, str(len(spec.stages)), (spec.description or "").strip().split("\n")[0],
+                          _short(path))
+        except RetortError as exc:
+            table.add_row(name, "?", f"[red]invalid: {exc}[/red]", _short(path))
+    console = Console()
+    console.print(table)
+    db = _db_path(args)
+    if db.exists():
+        from retort.cache import Cache
+
+        cache = Cache(db, read_only=True)
+        try:
+            runs = cache.con.execute("SELECT run_id, pipeline, status, started_at, "
+                                     "round(epoch(finished_at - started_at), 1), stats->>'calls_made', "
+                                     "stats->>'cache_hits' FROM runs ORDER BY run_id DESC LIMIT 10").fetchall()
+            stage_names = [r[0] for r in cache.con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
+                "AND table_type = 'VIEW' ORDER BY 1").fetchall()]
+        finally:
+            cache.con.close()
+        runs_table = Table(title=f"recent runs in {_short(db)}", title_justify="left")
+        for col in ("run", "pipeline", "status", "started", "seconds", "calls made", "cache hits"):
+            runs_table.add_column(col)
+        for r in runs:
+            runs_table.add_row(*(str(x) if x is not None else "" for x in r))
+        console.print(runs_table)
+        console.print(f"stage tables: {', '.join(stage_names) or 'none'}")
+    return 0
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _open_read(args: argparse.Namespace) -> Any:
+    from retort.cache import Cache
+
+    return Cache(_db_path(args), read_only=True)
+
+
+def _relation(cache: Any, stage: str, run: int | None) -> str:
+    records = {"calls", "runs", "failures", "metrics"}
+    if stage in records and run is None:
+        return f'main."{stage}"'
+    if run is None:
+        exists = cache.table_exists("main", stage)
+        if not exists:
+            names = [r[0] for r in cache.con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1").fetchall()]
+            raise NotFoundError(f"no stage table {stage!r} (tables: {', '.join(names)})")
+        return f'main."{stage}"'
+    if not cache.table_exists(f"run_{run}", stage):
+        raise NotFoundError(f"run {run} has no table {stage!r} (only the last 20 runs keep their tables)")
+    return f'run_{run}."{stage}"'
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    cache = _open_read(args)
+    try:
+        rel = _relation(cache, args.stage, args.run)
+        where = f" WHERE {args.where}" if args.where else ""
+        cur = cache.con.execute(f"SELECT * FROM {rel}{where} LIMIT {int(args.limit)}")
+        columns = [d[0] for d in cur.description]
+        rows = cur.fetchall()
+        total = cache.con.execute(f"SELECT count(*) FROM {rel}{where}").fetchall()[0][0]
+    finally:
+        cache.con.close()
+    if not args.all_columns:
+        keep = [i for i, c in enumerate(columns) if c not in ("_call", "messages", "params")]
+        columns = [columns[i] for i in keep]
+        rows = [tuple(r[i] for i in keep) for r in rows]
+    table = Table(title=f"{rel} ({total} rows)", title_justify="left", show_lines=False)
+    for c in columns:
+        table.add_column(c, overflow="fold", max_width=args.width)
+    for r in rows:
+        table.add_row(*("" if v is None else _cell(v, args.width) for v in r))
+    Console().print(table)
+    return 0
+
+
+def _cell(value: Any, width: int) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = text.replace("\n", " ")
+    return text if len(text) <= width * 2 else text[: width * 2 - 1] + "…"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from retort.export import export
+
+    cache = _open_read(args)
+    try:
+        rel = _relation(cache, args.stage, args.run)
+        out = export(cache, rel, args.stage, args.format, Path(args.out) if args.out else None, run=args.run)
+    finally:
+        cache.con.close()
+    print(f"wrote {out.rows} rows to {out.path} (manifest: {out.manifest})")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    cache = _open_read(args)
+    try:
+        rows = cache.con.execute(
+            "SELECT model, count(*), count(DISTINCT stage), sum(prompt_tokens), sum(completion_tokens), "
+            "round(avg(latency_ms), 1), min(created_at), max(created_at) FROM calls GROUP BY model ORDER BY 2 DESC"
+        ).fetchall()
+        runs = cache.con.execute("SELECT count(*) FROM runs").fetchall()[0][0]
+    finally:
+        cache.con.close()
+    size = _db_path(args).stat().st_size
+    table = Table(title=f"cache {_short(_db_path(args))}: {size / 1e6:.1f} MB, {runs} runs", title_justify="left")
+    for col in ("model", "calls", "stages", "prompt tokens", "completion tokens", "avg latency ms", "first",
+                "last"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(str(x) for x in r))
+    Console().print(table)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from retort.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from retort.scaffold import init_workspace
+
+    root = init_workspace(Path(args.dir))
+    print(f"created a retort workspace in {root}\n  cd {root} && retort run example")
+    return 0
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="a pipeline name (pipelines/NAME.yaml) or a path to a YAML file")
+    p.add_argument("--input", metavar="FILE", help="run on another dataset (JSONL, CSV, Parquet, JSON list)")
+    p.add_argument("--map", action="append", metavar="COLUMN=EXPR",
+                   help="map a dataset column (or a DuckDB expression over its columns) to a pipeline column")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N input rows")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                   help="override any spec value, e.g. stages.classify.samples=4")
+    p.add_argument("--model", action="append", metavar="NAME=TARGET",
+                   help="point a named model at another backend: local, http://host:port/v1[#model], "
+                        "openai:MODEL, vllm:MODEL, scripted:module:function; NAME '*' means every model")
+    p.add_argument("--retries", type=int, default=5, help="retries of a retryable call failure (default 5)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retort", description="Declarative LLM prompting pipelines, "
+                                                                "every call cached in DuckDB.")
+    parser.add_argument("--version", action="version", version=f"retort {__version__}")
+    parser.add_argument("-C", "--workspace", default=".", help="workspace folder (default: current)")
+    parser.add_argument("--db", help="DuckDB file (default: WORKSPACE/.retort/retort.duckdb)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a pipeline")
+    _add_pipeline_args(p)
+    p.add_argument("--max-failures", type=int, default=0, help="exit non-zero past this many failures")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("validate", help="check a pipeline without calling a model")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("plan", help="rows, calls needed, cache hits and tokens per stage, before spending")
+    _add_pipeline_args(p)
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("list", help="pipelines, recent runs and stage tables")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("show", help="the head of a stage table (or calls, runs, failures, metrics)")
+    p.add_argument("stage")
+    p.add_argument("--run", type=int, help="an earlier run's table")
+    p.add_argument("-n", "--limit", type=int, default=10)
+    p.add_argument("--where", help="a SQL filter")
+    p.add_argument("--width", type=int, default=40)
+    p.add_argument("--all-columns", action="store_true")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("export", help="write a stage table as a dataset file, with a manifest")
+    p.add_argument("stage")
+    p.add_argument("--format", default="jsonl",
+                   choices=["jsonl", "parquet", "multitask", "chat", "dpo", "dpo-chat"])
+    p.add_argument("--out", help="output path (default: exports/STAGE.EXT)")
+    p.add_argument("--run", type=int)
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("cache", help="cache statistics")
+    p.add_argument("action", choices=["stats"])
+    p.set_defaults(func=cmd_cache)
+    p = sub.add_parser("schema", help="the JSON Schema of the pipeline spec")
+    p.set_defaults(func=cmd_schema)
+    p = sub.add_parser("init", help="a new workspace with one working example")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_init)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except RetortError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: completed calls are cached; run again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug or os.environ.get("RETORT_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

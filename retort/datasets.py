@@ -1,0 +1,80 @@
+"""Input datasets: JSONL, CSV, Parquet or a JSON list → an Arrow table.
+
+Files are read in Python (pyarrow, orjson), never through DuckDB SQL, because
+pipeline SQL runs with external access disabled. A column mapping renames or
+derives columns with DuckDB expressions over the file's own columns, so a real
+dataset fits a pipeline without editing it:
+
+    columns: {text: sentence, conversation: "list_transform(c_h, t -> t.user || ': ' || t.text)"}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+
+from retort.errors import DatasetError
+
+FORMATS = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+
+
+def read_table(path: Path, limit: int | None = None) -> pa.Table:
+    if not path.is_file():
+        raise DatasetError(f"dataset {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            return _from_rows(_jsonl_rows(path, limit), path)
+        if suffix == ".json":
+            data = orjson.loads(path.read_bytes())
+            if isinstance(data, dict):  # {"data": [...]} and similar: take the one list inside
+                lists = [v for v in data.values() if isinstance(v, list)]
+                if len(lists) != 1:
+                    raise DatasetError(f"{path}: expected a JSON list of objects")
+                data = lists[0]
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data[:100]):
+                raise DatasetError(f"{path}: expected a JSON list of objects")
+            return _from_rows(data[:limit] if limit else data, path)
+        if suffix in (".csv", ".tsv"):
+            from pyarrow import csv
+
+            opts = csv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+            table = csv.read_csv(path, parse_options=opts)
+        elif suffix == ".parquet":
+            from pyarrow import parquet
+
+            table = parquet.read_table(path)
+        else:
+            raise DatasetError(f"{path}: unknown format {suffix!r}; expected one of {', '.join(FORMATS)}")
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DatasetError(f"{path}: cannot read: {exc}") from None
+    return table.slice(0, limit) if limit else table
+
+
+def _jsonl_rows(path: Path, limit: int | None) -> list[dict[str, object]]:
+    rows = []
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise DatasetError(f"{path}:{lineno}: invalid JSON: {exc}") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{path}:{lineno}: expected a JSON object per line")
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def _from_rows(rows: list[dict[str, object]], path: Path) -> pa.Table:
+    if not rows:
+        raise DatasetError(f"{path}: the dataset is empty")
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DatasetError(f"{path}: rows of inconsistent types: {exc}") from None

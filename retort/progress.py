@@ -1,0 +1,100 @@
+"""Drawing a run: a rich progress line per stage, then a summary table."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def _console() -> Console:
+    console = _console()
+    if not console.is_terminal:  # a log or a pipe: wide enough that tables do not fold
+        console.width = 140
+    return console
+
+from retort.runner import Progress as RunnerProgress
+from retort.runner import RunResult, StageStats
+
+
+class RichProgress(RunnerProgress):
+    def __init__(self, enabled: bool = True) -> None:
+        self.console = Console(stderr=True)
+        self.enabled = enabled
+        self.bar = Progress(
+            TextColumn("[bold]{task.description:<14}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            TextColumn("hits {task.fields[hits]}  fail {task.fields[fail]}  {task.fields[tps]} tok/s"),
+            TimeRemainingColumn(), console=self.console, transient=False,
+            disable=not enabled, refresh_per_second=4)
+        self.tasks: dict[str, Any] = {}
+        self.started: dict[str, float] = {}
+
+    def __enter__(self) -> RichProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)  # type: ignore[arg-type]
+
+    def stage_started(self, stats: StageStats, total: int | None) -> None:
+        self.started[stats.name] = time.monotonic()
+        self.tasks[stats.name] = self.bar.add_task(f"{stats.name} ({stats.kind})", total=total, hits=0, fail=0,
+                                                   tps="-")
+
+    def advance(self, stats: StageStats) -> None:
+        task = self.tasks.get(stats.name)
+        if task is None:
+            return
+        elapsed = max(1e-6, time.monotonic() - self.started[stats.name])
+        self.bar.update(task, completed=stats.done, hits=stats.cache_hits, fail=stats.failures,
+                        tps=f"{stats.completion_tokens / elapsed:,.0f}" if stats.calls_made else "-")
+
+    def stage_finished(self, stats: StageStats) -> None:
+        task = self.tasks.get(stats.name)
+        if task is None:
+            return
+        self.advance(stats)
+        if self.bar.tasks[task].total is None:
+            self.bar.update(task, total=max(stats.rows_out, 1), completed=max(stats.rows_out, 1))
+
+
+def print_summary(result: RunResult) -> None:
+    console = _console()
+    table = Table(title=f"run {result.run_id} of {result.pipeline}: {result.status} in {result.seconds:.1f}s",
+                  title_justify="left")
+    for col in ("stage", "kind", "rows in", "rows out", "calls", "cache hits", "made", "failures",
+                "parse errors", "tokens", "seconds"):
+        table.add_column(col, justify="left" if col in ("stage", "kind") else "right")
+    for s in result.stages:
+        table.add_row(s.name, s.kind, str(s.rows_in), str(s.rows_out), str(s.calls_needed), str(s.cache_hits),
+                      str(s.calls_made), str(s.failures) + (" (crashed)" if s.error else ""), str(s.parse_errors),
+                      f"{s.prompt_tokens + s.completion_tokens:,}", f"{s.seconds:.2f}")
+    console.print(table)
+    t = result.totals()
+    console.print(f"calls made {t['calls_made']}, cache hits {t['cache_hits']}, failures {result.failures}, "
+                  f"tokens {t['prompt_tokens'] + t['completion_tokens']:,} "
+                  f"(prompt {t['prompt_tokens']:,}, completion {t['completion_tokens']:,}), "
+                  f"wall {result.seconds:.1f}s")
+    console.print(f"results: {result.db_path} (schema run_{result.run_id}; latest tables as views in main)\n"
+                  f"  retort show {result.stages[-1].name}    retort export {result.stages[-1].name} --format jsonl")
+    for s in result.stages:
+        if s.error:
+            print(f"stage {s.name} failed: {s.error}", file=sys.stderr)
+
+
+def print_plan(result: RunResult) -> None:
+    console = _console()
+    table = Table(title=f"plan for {result.pipeline} (nothing called)", title_justify="left")
+    for col in ("stage", "kind", "rows", "calls", "cached", "to call", "est. prompt tokens"):
+        table.add_column(col, justify="left" if col in ("stage", "kind") else "right")
+    for s in result.stages:
+        calls = s.calls_needed if s.kind == "prompt" else 0
+        table.add_row(s.name, s.kind, str(s.rows_in if s.kind == "prompt" else s.rows_out), str(calls),
+                      str(s.cache_hits), str(calls - s.cache_hits), f"{s.est_prompt_tokens:,}")
+    console.print(table)
+    need = sum(s.calls_needed - s.cache_hits for s in result.stages if s.kind == "prompt")
+    console.print(f"{need} call(s) to make; rows after an uncached stage are counted with placeholder outputs")

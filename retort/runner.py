@@ -1,0 +1,602 @@
+"""The runner: executes a pipeline's stages in order against the cache.
+
+Every backend is wrapped here the same way: cache look-up, per-model
+concurrency (a pool of `max_concurrency` workers), retries with tenacity,
+accounting. Three modes share this one code path:
+
+    run       calls what is not cached and writes the stage tables of run N
+    plan      (dry) looks up the cache, counts the calls still needed, calls nothing
+    validate  (dry, in-memory cache, a few rows) renders every template, binds every
+              SQL stage, resolves every model, prompt and evaluator
+
+Prompt stages stream their input in chunks: render, hash, one batched cache
+look-up per chunk, then the misses go to the model's workers through a bounded
+queue. Output rows and calls are group-committed by the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+from retort import backends
+from retort.backends.base import Backend, Completion, Request
+from retort.cache import Cache, call_key, request_base
+from retort.datasets import read_table
+from retort.errors import (BackendError, DatasetError, NotFoundError, ParseError, RetortError, SpecError,
+                           TemplateError)
+from retort.parsers import Parser, build_parser
+from retort.spec import EmbedStage, ModelSpec, Pipeline, PromptStage, PythonStage, Source, SqlStage
+from retort.templates import Template
+from retort.workspace import Workspace
+
+CHUNK_ROWS = 4096
+LINEAGE = ("_id", "_parent", "_sample", "_call", "_raw", "_error")
+
+
+@dataclass
+class StageStats:
+    name: str
+    kind: str
+    rows_in: int = 0
+    rows_out: int = 0
+    calls_needed: int = 0  # samples this stage needs (cached or not)
+    cache_hits: int = 0
+    calls_made: int = 0  # samples completed by a backend in this run
+    failures: int = 0
+    parse_errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    est_prompt_tokens: int = 0  # plan: tokens the missing calls will send
+    seconds: float = 0.0
+    error: str | None = None
+
+    completed: int = 0  # samples whose row slot is settled (hit, call, shared in-flight call, or failure)
+
+    @property
+    def done(self) -> int:
+        return self.completed
+
+
+@dataclass
+class RunResult:
+    run_id: int | None
+    pipeline: str
+    db_path: str
+    stages: list[StageStats] = field(default_factory=list)
+    seconds: float = 0.0
+    status: str = "ok"
+
+    @property
+    def failures(self) -> int:
+        return sum(s.failures for s in self.stages) + sum(1 for s in self.stages if s.error)
+
+    def totals(self) -> dict[str, int]:
+        keys = ("calls_needed", "cache_hits", "calls_made", "failures", "parse_errors", "prompt_tokens",
+                "completion_tokens")
+        return {k: sum(getattr(s, k) for s in self.stages) for k in keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "pipeline": self.pipeline, "db_path": self.db_path,
+                "seconds": round(self.seconds, 3), "status": self.status, **self.totals(),
+                "stages": [asdict(s) for s in self.stages]}
+
+
+class Progress:
+    """What the runner reports as it goes; the CLI draws it with rich."""
+
+    def stage_started(self, stats: StageStats, total: int | None) -> None: ...
+    def advance(self, stats: StageStats) -> None: ...
+    def stage_finished(self, stats: StageStats) -> None: ...
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, BackendError) and exc.retryable
+
+
+def _backoff(state: Any) -> float:
+    """Exponential backoff with full jitter, but never sooner than the server's Retry-After."""
+    exc = state.outcome.exception() if state.outcome else None
+    after = getattr(exc, "retry_after", None) or 0.0
+    return max(after, random.uniform(0, min(30.0, 0.5 * 2 ** state.attempt_number)))
+
+
+class _Job:
+    """One input row of a prompt stage: its samples fill in from the cache or from calls."""
+
+    __slots__ = ("row", "row_id", "messages", "base", "model", "results", "open")
+
+    def __init__(self, row: dict[str, Any], row_id: str, messages: list[dict[str, str]], base: bytes,
+                 model: str, samples: int) -> None:
+        self.row, self.row_id, self.messages, self.base, self.model = row, row_id, messages, base, model
+        # per sample: (call key, raw text, error or None, parsed columns)
+        self.results: list[tuple[str, str, str | None, dict[str, Any]] | None] = [None] * samples
+        self.open = samples
+
+
+class Runner:
+    def __init__(self, workspace: Workspace, pipeline: Pipeline, source: Source, cache: Cache, *,
+                 mode: str = "run", input_path: str | None = None, columns: dict[str, str] | None = None,
+                 limit: int | None = None, model_targets: dict[str, dict[str, Any]] | None = None,
+                 progress: Progress | None = None, max_retries: int = 5,
+                 backend_factory: Callable[[str, dict[str, Any]], Backend] | None = None,
+                 argv: str = "") -> None:
+        assert mode in ("run", "plan", "validate")
+        self.ws, self.spec, self.src, self.cache = workspace, pipeline, source, cache
+        self.mode, self.dry = mode, mode != "run"
+        self.input_path, self.limit = input_path, limit
+        self.columns = {**pipeline.input.columns, **(columns or {})}
+        self.model_targets = model_targets or {}
+        self.progress = progress or Progress()
+        self.max_retries = max_retries
+        self.backend_factory = backend_factory or backends.create
+        self.argv = argv
+        self._backends: dict[str, Backend] = {}
+        self.run_id: int | None = None
+        self.schema = "temp"
+        self.spec_dir = Path(source.file).resolve().parent.parent
+
+    # ------------------------------------------------------------ models
+
+    def model_config(self, name: str) -> dict[str, Any]:
+        target = self.model_targets.get(name) or self.model_targets.get("*")
+        try:
+            spec = self.spec.model_for(name)
+        except KeyError:
+            if target is None:
+                raise NotFoundError(f"{self.src.file}: no model named {name!r} "
+                                    f"(models: {', '.join(self.spec.models) or 'default'})") from None
+            spec = ModelSpec()
+        config = spec.model_dump(exclude_none=True)
+        if target:
+            if target.get("backend") != config.get("backend"):  # a new backend: keep only portable keys
+                config = {k: v for k, v in config.items() if k in ("model", "max_concurrency", "identity")}
+                config.pop("identity", None)
+            config.update(target)
+        config.setdefault("backend", "local")
+        config["name"] = name
+        return config
+
+    def backend(self, name: str) -> Backend:
+        if name not in self._backends:
+            self._backends[name] = self.backend_factory(name, self.model_config(name))
+        return self._backends[name]
+
+    def models_used(self) -> set[str]:
+        names = set()
+        for stage in self.spec.stages:
+            if isinstance(stage, (PromptStage, EmbedStage)) and isinstance(stage.model, str):
+                names.add(stage.model)
+        return names
+
+    async def preflight(self) -> None:
+        """Fail fast, before any work, on an endpoint that refuses connections."""
+        for name in sorted(self.models_used()):
+            await self.backend(name).check()
+
+    # ------------------------------------------------------------ run
+
+    async def execute(self) -> RunResult:
+        started = time.monotonic()
+        result = RunResult(None, self.spec.name or "pipeline", str(self.cache.path))
+        if self.mode == "run":
+            text = Path(self.src.file).read_bytes() if Path(self.src.file).is_file() else b""
+            spec_hash = hashlib.sha256(text + self.spec.model_dump_json().encode()).hexdigest()[:16]
+            self.run_id = self.cache.start_run(result.pipeline, self.src.file, spec_hash, self.argv)
+            result.run_id = self.run_id
+            self.schema = f"run_{self.run_id}"
+        try:
+            await self.preflight()
+            self._load_input()
+            ticker = asyncio.create_task(self._tick())
+            try:
+                for stage in self.spec.stages:
+                    stats = StageStats(stage.name, getattr(stage, "kind", "?"))
+                    result.stages.append(stats)
+                    begun = time.monotonic()
+                    try:
+                        await self._run_stage(stage, stats)
+                    except (SpecError, TemplateError, DatasetError, NotFoundError):
+                        raise
+                    except RetortError as exc:
+                        if not isinstance(stage, PythonStage):
+                            raise
+                        stats.error = str(exc)
+                        self.cache.add_failure(self.run_id or 0, stage.name, None, None, str(exc))
+                    stats.seconds = time.monotonic() - begun
+                    self.progress.stage_finished(stats)
+            finally:
+                ticker.cancel()
+            result.status = "ok"
+        except BaseException as exc:
+            result.status = "interrupted" if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)) \
+                else "error"
+            raise
+        finally:
+            result.seconds = time.monotonic() - started
+            for backend in self._backends.values():
+                await backend.aclose()
+            if self.run_id is not None:
+                self.cache.finish_run(self.run_id, result.status, result.to_dict(),
+                                      ["input", *(s.name for s in self.spec.stages)])
+            else:
+                self.cache.flush()
+        return result
+
+    async def _tick(self) -> None:
+        while True:  # the group commit's clock: at least one flush a second
+            await asyncio.sleep(0.25)
+            self.cache.maybe_flush()
+
+    def table(self, name: str) -> str:
+        return f'{self.schema}."{name}"'
+
+    def _load_input(self) -> None:
+        path = self.ws.data(self.input_path or self.spec.input.path, base=self.spec_dir)
+        limit = self.limit or self.spec.input.limit
+        if self.mode == "validate":
+            limit = min(limit or 5, 5)
+        data = read_table(path, limit)
+        data = data.append_column("_id", pa.array([str(i) for i in range(data.num_rows)], pa.string()))
+        con = self.cache.con
+        con.register("_source", data)
+        try:
+            select = ["*"]
+            if self.columns:
+                kept = [c for c in data.column_names if c not in self.columns]
+                select = [f'"{c}"' for c in kept]
+                for target, expr in self.columns.items():
+                    select.append(f'{expr if expr not in data.column_names else chr(34) + expr + chr(34)} '
+                                  f'AS "{target}"')
+            try:
+                mapped = con.sql(f"SELECT {', '.join(select)} FROM _source").to_arrow_table()
+            except duckdb.Error as exc:
+                raise SpecError(f"column mapping does not apply to {path} "
+                                f"(columns: {', '.join(data.column_names[:-1])}): {_first_line(exc)}",
+                                file=self.src.file, line=self.src.line(("input", "columns")),
+                                field="input.columns") from None
+        finally:
+            con.unregister("_source")
+        self.input_file = path
+        self.cache.write_table(self.table("input"), mapped)
+
+    async def _run_stage(self, stage: Any, stats: StageStats) -> None:
+        if isinstance(stage, PromptStage):
+            await self._prompt_stage(stage, stats)
+        elif isinstance(stage, SqlStage):
+            self._sql_stage(stage, stats)
+        elif isinstance(stage, PythonStage):
+            self._python_stage(stage, stats)
+        else:
+            raise SpecError("embed stages need the embeddings backend (not available in this build)",
+                            file=self.src.file, field=f"stages.{stage.name}")
+
+    def _loc(self, stage: Any, *fields: str) -> tuple[Any, ...]:
+        return ("stages", self.spec.stages.index(stage), *fields)
+
+    def _stage_error(self, stage: Any, field_name: str, message: str) -> SpecError:
+        loc = self._loc(stage, field_name)
+        return SpecError(message, file=self.src.file, line=self.src.line(loc),
+                         field=f"stages[{loc[1]}] ({stage.name}).{field_name}")
+
+    def _columns(self, name: str) -> list[str]:
+        rows = self.cache.con.execute(f"DESCRIBE {self.table(name)}").fetchall()
+        return [r[0] for r in rows]
+
+    def _source_table(self, stage: Any, name: str) -> str:
+        earlier = ["input", *(s.name for s in self.spec.stages[: self.spec.stages.index(stage)])]
+        if name not in earlier:
+            raise self._stage_error(stage, "from", f"no table {name!r} before this stage "
+                                                   f"(tables: {', '.join(earlier)})")
+        if not self.cache.table_exists(self.schema, name):
+            raise RetortError(f"stage {stage.name}: its input table {name!r} was not produced "
+                              "(an earlier stage failed)")
+        return self.table(name)
+
+    # ------------------------------------------------------------ prompt stages
+
+    def _template(self, stage: PromptStage) -> Template:
+        if stage.template is not None:
+            return Template(stage.template, f"{self.src.file} (stage {stage.name})")
+        if stage.prompt is None:
+            raise self._stage_error(stage, "prompt", "a prompt stage needs `prompt` (a template in prompts/) "
+                                                     "or an inline `template`")
+        path = self.ws.prompt(stage.prompt)
+        if path is None:
+            raise self._stage_error(stage, "prompt", f"no template {stage.prompt!r} in prompts/ of "
+                                                     f"{self.ws.root} or the built-in library")
+        return Template.from_file(path, f"prompts/{stage.prompt}")
+
+    async def _prompt_stage(self, stage: PromptStage, stats: StageStats) -> None:
+        template = self._template(stage)
+        try:
+            parser = build_parser(stage.parse, stage.output or stage.name, where=f"stage {stage.name}",
+                                  workspace=self.ws)
+        except SpecError as exc:
+            raise self._stage_error(stage, "parse", exc.detail) from None
+        source = self._source_table(stage, stage.from_)
+        columns = self._columns(stage.from_)
+        try:
+            template.check_columns(columns)
+        except TemplateError as exc:
+            if stage.from_ == "input":
+                raise DatasetError(f"{self.input_file} has no column {str(exc).split(chr(39))[1]!r}, which "
+                                   f"{template.name} (line {exc.line}) needs; map one with "
+                                   f"--map NAME=COLUMN or input.columns") from None
+            raise
+        if isinstance(stage.model, str):
+            self.backend(stage.model)  # an unknown model fails here, before any row
+        elif stage.model.column not in columns:
+            raise self._stage_error(stage, "model", f"column {stage.model.column!r} is not in {stage.from_}")
+        filters = ["_error IS NULL"] if "_error" in columns else []
+        if stage.where:
+            filters.append(f"({stage.where})")
+        query = f"SELECT * FROM {source}" + (f" WHERE {' AND '.join(filters)}" if filters else "")
+        try:
+            data = self.cache.con.sql(query).to_arrow_table()
+        except duckdb.Error as exc:
+            raise self._stage_error(stage, "where", _first_line(exc)) from None
+        stats.rows_in = data.num_rows
+        total = data.num_rows * stage.samples
+        self.progress.stage_started(stats, total)
+        out_table = self.table(stage.name)
+        self.cache.drop_table(out_table)
+        exec_ = _PromptExecution(self, stage, stats, template, parser, out_table, columns)
+        await exec_.run(data)
+        if not self.cache.table_exists(self.schema, stage.name):
+            self.cache.flush()
+        if not self.cache.table_exists(self.schema, stage.name):  # no row came out: keep the shape
+            new = ", ".join(f'NULL::VARCHAR AS "{c}"' for c in (*LINEAGE, *parser.columns) if c not in columns
+                            or c in LINEAGE)
+            keep = ", ".join(f'"{c}"' for c in columns if c not in LINEAGE and c not in parser.columns)
+            self.cache.con.execute(f"CREATE TABLE {out_table} AS SELECT {keep + ', ' if keep else ''}{new} "
+                                   f"FROM {source} LIMIT 0")
+
+    # ------------------------------------------------------------ SQL and Python stages
+
+    def _sql_stage(self, stage: SqlStage, stats: StageStats) -> None:
+        con = self.cache.con
+        self.cache.flush()
+        self.progress.stage_started(stats, None)
+        con.execute(f"SET search_path = '{self.schema},main'")
+        sql = stage.sql.strip().rstrip(";")
+        try:
+            described = [r[0] for r in con.execute(f"DESCRIBE {sql}").fetchall()]
+            body = sql if "_id" in described else \
+                f"SELECT '{stage.name}:' || (row_number() OVER () - 1) AS _id, * FROM ({sql})"
+            con.execute(f"CREATE OR REPLACE TABLE {self.table(stage.name)} AS {body}")
+        except duckdb.Error as exc:
+            raise self._stage_error(stage, "sql", _first_line(exc)) from None
+        finally:
+            con.execute("SET search_path = 'main'")
+        stats.rows_out = int(con.execute(f"SELECT count(*) FROM {self.table(stage.name)}").fetchall()[0][0])  # type: ignore[index]
+
+    def _python_stage(self, stage: PythonStage, stats: StageStats) -> None:
+        fn = self.ws.evaluator(stage.python)
+        index = self.spec.stages.index(stage)
+        source = stage.from_ or (self.spec.stages[index - 1].name if index else "input")
+        self.cache.flush()
+        self.progress.stage_started(stats, None)
+        rows = self.cache.con.sql(f"SELECT * FROM {self._source_table(stage, source)}").to_arrow_table()
+        stats.rows_in = rows.num_rows
+        try:
+            out = fn(rows.to_pylist(), **stage.with_)
+        except Exception as exc:  # a crashing evaluator is a failure row, not an abort
+            raise RetortError(f"evaluator {stage.python} failed: {type(exc).__name__}: {exc}") from None
+        if isinstance(out, dict):
+            self._record_metrics(stage, out)
+            out = [out]
+        table = out if isinstance(out, pa.Table) else pa.Table.from_pylist(list(out or []))
+        if table.num_columns == 0:
+            table = pa.table({"_id": pa.array([], pa.string())})
+        self.cache.write_table(self.table(stage.name), table)
+        stats.rows_out = table.num_rows
+
+    def _record_metrics(self, stage: PythonStage, values: dict[str, Any]) -> None:
+        if self.run_id is None:
+            return
+        import orjson
+
+        data = orjson.dumps(values, default=str).decode()
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.cache.con.execute("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, now())",
+                                       [self.run_id, self.spec.name, stage.name, name, float(value), data])
+
+
+class _PromptExecution:
+    """One prompt stage in flight: the chunk producer, the workers, and the row assembly."""
+
+    def __init__(self, runner: Runner, stage: PromptStage, stats: StageStats, template: Template,
+                 parser: Parser, out_table: str, columns: list[str]) -> None:
+        self.r, self.stage, self.stats, self.template, self.parser = runner, stage, stats, template, parser
+        self.out_table = out_table
+        self.carry = [c for c in columns if c not in LINEAGE and c not in parser.columns]
+        self.params = stage.params.model_dump(exclude_none=True)
+        self.samples = stage.samples
+        self.queues: dict[str, asyncio.Queue[tuple[_Job, list[int], int] | None]] = {}
+        self.workers: list[asyncio.Task[None]] = []
+        self.inflight: dict[str, list[tuple[_Job, int, int]]] = {}  # key → waiters (job, sample, attempt)
+        self.run_id = runner.run_id or 0
+
+    def queue(self, model: str) -> asyncio.Queue[tuple[_Job, list[int], int] | None]:
+        if model not in self.queues:
+            backend = self.r.backend(model)
+            size = max(1, int(backend.max_concurrency or 1))
+            q: asyncio.Queue[tuple[_Job, list[int], int] | None] = asyncio.Queue(maxsize=2 * size)
+            self.queues[model] = q
+            self.workers += [asyncio.create_task(self.worker(model, backend, q)) for _ in range(size)]
+        return self.queues[model]
+
+    async def run(self, data: pa.Table) -> None:
+        stage, params, schema = self.stage, self.params, self.parser.schema
+        static_model = stage.model if isinstance(stage.model, str) else None
+        try:
+            for batch in data.to_batches(CHUNK_ROWS):
+                jobs: list[_Job] = []
+                keys: list[str] = []
+                for row in batch.to_pylist():
+                    model = static_model or str(row[stage.model.column])  # type: ignore[union-attr]
+                    identity = self.r.backend(model).identity
+                    messages = self.template.render(row, self.r.spec.params)
+                    base = request_base(identity, messages, params, schema)
+                    job = _Job(row, row["_id"], messages, base, model, self.samples)
+                    jobs.append(job)
+                    keys += [call_key(base, i) for i in range(self.samples)]
+                found = self.r.cache.lookup(keys)
+                for j, job in enumerate(jobs):
+                    missing = []
+                    for i in range(self.samples):
+                        key = keys[j * self.samples + i]
+                        hit = found.get(key)
+                        if hit is not None:
+                            self.stats.cache_hits += 1
+                            self.stats.prompt_tokens += hit[1]
+                            self.stats.completion_tokens += hit[2]
+                            await self.deliver(job, i, 0, key, hit[0], None)
+                        elif key in self.inflight:
+                            self.inflight[key].append((job, i, 0))
+                        else:
+                            self.inflight[key] = [(job, i, 0)]
+                            missing.append(i)
+                    if missing:
+                        await self.submit(job, missing, 0)
+                self.stats.calls_needed += len(keys)
+                self.r.progress.advance(self.stats)
+                await asyncio.sleep(0)
+                self.r.cache.maybe_flush()
+            for q in self.queues.values():
+                await q.join()
+        finally:
+            for w in self.workers:
+                w.cancel()
+            await asyncio.gather(*self.workers, return_exceptions=True)
+        self.r.cache.maybe_flush()
+
+    async def submit(self, job: _Job, samples: list[int], attempt: int) -> None:
+        if self.r.dry:
+            self.stats.est_prompt_tokens += len(samples) * sum(len(m["content"]) for m in job.messages) // 4
+            for i in samples:  # a placeholder keeps downstream row counts right in a plan
+                key = call_key(job.base, i, attempt)
+                self.inflight.pop(key, None)
+                job.results[i] = (key, "", "not cached (dry run)", {})
+                self.stats.completed += 1
+                job.open -= 1
+            if job.open == 0:
+                self.emit(job)
+            return
+        await self.queue(job.model).put((job, samples, attempt))
+
+    async def worker(self, model: str, backend: Backend, q: asyncio.Queue[Any]) -> None:
+        while True:
+            item = await q.get()
+            try:
+                job, samples, attempt = item
+                keys = [call_key(job.base, i, attempt) for i in samples]
+                request = Request(job.messages, self.params, n=len(samples), schema=self.parser.schema)
+                begun = time.monotonic()
+                try:
+                    completion = await self.call(backend, request)
+                except BackendError as exc:
+                    for key in keys:
+                        for waiter, i, att in self.inflight.pop(key, []):
+                            self.stats.failures += 1
+                            self.r.cache.add_failure(self.run_id, self.stage.name, waiter.row_id, key, str(exc),
+                                                     exc.status)
+                            waiter.results[i] = (key, "", f"call failed: {exc}", {})
+                            self.stats.completed += 1
+                            waiter.open -= 1
+                            if waiter.open == 0:
+                                self.emit(waiter)
+                    continue
+                latency = (time.monotonic() - begun) * 1000 / len(samples)
+                self.stats.prompt_tokens += completion.prompt_tokens
+                self.stats.completion_tokens += completion.completion_tokens
+                share_p = completion.prompt_tokens // len(samples)
+                share_c = completion.completion_tokens // len(samples)
+                reasons = completion.finish_reasons or [None] * len(samples)  # type: ignore[list-item]
+                for key, i, text, reason in zip(keys, samples, completion.texts, reasons, strict=False):
+                    self.stats.calls_made += 1
+                    self.r.cache.add_call(key, backend.identity, job.messages, self.params, i, attempt, text,
+                                          reason, share_p, share_c, latency, self.run_id, self.stage.name)
+                    for waiter, si, att in self.inflight.pop(key, [(job, i, attempt)]):
+                        await self.deliver(waiter, si, att, key, text, None)
+                self.r.progress.advance(self.stats)
+            finally:
+                q.task_done()
+
+    async def call(self, backend: Backend, request: Request) -> Completion:
+        """First try outside tenacity (the hot path); retryable failures then go through it."""
+        try:
+            return await backend.complete(request)
+        except BackendError as exc:
+            if not exc.retryable or self.r.max_retries <= 0:
+                raise
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.r.max_retries), wait=_backoff,
+                                 retry=retry_if_exception(_retryable), reraise=True)
+        await asyncio.sleep(random.uniform(0, 0.5))
+        async for attempt in retrying:
+            with attempt:
+                return await backend.complete(request)
+        raise AssertionError("unreachable")
+
+    async def deliver(self, job: _Job, sample: int, attempt: int, key: str, text: str, error: str | None) -> None:
+        """A sample's text arrived (cache or call): parse it, re-ask if allowed, close the row when complete."""
+        parsed: dict[str, Any] = {}
+        try:
+            parsed = self.parser(text)
+        except ParseError as exc:
+            if attempt < self.stage.reask and not self.r.dry:
+                nxt = call_key(job.base, sample, attempt + 1)
+                self.stats.calls_needed += 1
+                hit = self.r.cache.lookup([nxt]).get(nxt)
+                if hit is not None:
+                    self.stats.cache_hits += 1
+                    await self.deliver(job, sample, attempt + 1, nxt, hit[0], None)
+                elif nxt in self.inflight:
+                    self.inflight[nxt].append((job, sample, attempt + 1))
+                else:
+                    self.inflight[nxt] = [(job, sample, attempt + 1)]
+                    await self.submit(job, [sample], attempt + 1)
+                return
+            error = str(exc) or "does not parse"
+        job.results[sample] = (key, text, error, parsed)
+        self.stats.completed += 1
+        job.open -= 1
+        if job.open == 0:
+            self.emit(job)
+
+    def emit(self, job: _Job) -> None:
+        rows = []
+        base = {c: job.row[c] for c in self.carry}
+        for i, result in enumerate(job.results):
+            assert result is not None
+            key, text, error, parsed = result
+            if error and error.startswith("call failed"):
+                continue  # recorded in `failures`; a rerun calls it again
+            row = dict(base)
+            row.update(_id=f"{job.row_id}.{i}", _parent=job.row_id, _sample=i, _call=key, _raw=text,
+                       _error=error)
+            row.update(parsed)
+            if error:
+                self.stats.parse_errors += not self.r.dry
+                for c in self.parser.columns:
+                    row.setdefault(c, None)
+            rows.append(row)
+        self.stats.rows_out += len(rows)
+        self.r.cache.add_rows(self.out_table, rows)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0]
