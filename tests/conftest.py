@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests cannot reach a model by accident: only the scripted
+backend is allowed unless a test asks for more with a marker (local_model, server)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def _guard_real_models(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    allowed = {"scripted"}
+    if request.node.get_closest_marker("local_model"):
+        allowed.add("local")
+    if request.node.get_closest_marker("server"):
+        allowed.add("openai")
+    if request.node.get_closest_marker("http"):
+        allowed.add("openai")
+    monkeypatch.setenv("RETORT_ALLOWED_BACKENDS", ",".join(sorted(allowed)))
+
+
+def run_cli(*args: str, cwd: Path | str, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `python cli.py ARGS` in `cwd` as a user would; returns the finished process."""
+    full_env = {**os.environ, **(env or {}), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """An empty workspace folder with the four folders."""
+    for folder in ("pipelines", "prompts", "evaluators", "data"):
+        (tmp_path / folder).mkdir()
+    return tmp_path
