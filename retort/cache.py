@@ -111,9 +111,12 @@ class Cache:
 
     def finish_run(self, run_id: int, status: str, stats: dict[str, Any], stages: Iterable[str]) -> None:
         self.flush()
-        for stage in stages:
-            if self.table_exists(f"run_{run_id}", stage):
-                self.con.execute(f'CREATE OR REPLACE VIEW main."{stage}" AS SELECT * FROM run_{run_id}."{stage}"')
+        stages = set(stages)
+        produced = {r[0] for r in self.con.execute("SELECT table_name FROM information_schema.tables "
+                                                   "WHERE table_schema = ?", [f"run_{run_id}"]).fetchall()}
+        for name in sorted(produced):  # stage tables and the extra tables stages keep (`<stage>__<suffix>`)
+            if name in stages or name.split("__")[0] in stages:
+                self.con.execute(f'CREATE OR REPLACE VIEW main."{name}" AS SELECT * FROM run_{run_id}."{name}"')
         self.con.execute("UPDATE runs SET finished_at = now(), status = ?, stats = ? WHERE run_id = ?",
                          [status, orjson.dumps(stats).decode(), run_id])
         self._prune(run_id)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 
 def _console() -> Console:
-    console = _console()
+    console = Console()
     if not console.is_terminal:  # a log or a pipe: wide enough that tables do not fold
         console.width = 140
     return console

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import math
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -277,7 +279,7 @@ class Runner:
         elif isinstance(stage, SqlStage):
             self._sql_stage(stage, stats)
         elif isinstance(stage, PythonStage):
-            self._python_stage(stage, stats)
+            await self._python_stage(stage, stats)
         else:
             raise SpecError("embed stages need the embeddings backend (not available in this build)",
                             file=self.src.file, field=f"stages.{stage.name}")
@@ -321,7 +323,7 @@ class Runner:
     async def _prompt_stage(self, stage: PromptStage, stats: StageStats) -> None:
         template = self._template(stage)
         try:
-            parser = build_parser(stage.parse, stage.output or stage.name, where=f"stage {stage.name}",
+            parser = build_parser(_with_params(stage.parse, self.spec.params), stage.output or stage.name,
                                   workspace=self.ws)
         except SpecError as exc:
             raise self._stage_error(stage, "parse", exc.detail) from None
@@ -370,7 +372,10 @@ class Runner:
         self.cache.flush()
         self.progress.stage_started(stats, None)
         con.execute(f"SET search_path = '{self.schema},main'")
-        sql = stage.sql.strip().rstrip(";")
+        try:
+            sql = render_sql(stage.sql, self.spec.params)
+        except TemplateError as exc:
+            raise self._stage_error(stage, "sql", str(exc)) from None
         try:
             described = [r[0] for r in con.execute(f"DESCRIBE {sql}").fetchall()]
             body = sql if "_id" in described else \
@@ -382,7 +387,7 @@ class Runner:
             con.execute("SET search_path = 'main'")
         stats.rows_out = int(con.execute(f"SELECT count(*) FROM {self.table(stage.name)}").fetchall()[0][0])  # type: ignore[index]
 
-    def _python_stage(self, stage: PythonStage, stats: StageStats) -> None:
+    async def _python_stage(self, stage: PythonStage, stats: StageStats) -> None:
         fn = self.ws.evaluator(stage.python)
         index = self.spec.stages.index(stage)
         source = stage.from_ or (self.spec.stages[index - 1].name if index else "input")
@@ -390,8 +395,15 @@ class Runner:
         self.progress.stage_started(stats, None)
         rows = self.cache.con.sql(f"SELECT * FROM {self._source_table(stage, source)}").to_arrow_table()
         stats.rows_in = rows.num_rows
+        kwargs = dict(stage.with_)
+        if "ctx" in inspect.signature(fn).parameters:
+            kwargs["ctx"] = StageContext(self, stage, stats)
         try:
-            out = fn(rows.to_pylist(), **stage.with_)
+            out = fn(rows.to_pylist(), **kwargs)
+            if inspect.isawaitable(out):
+                out = await out
+        except RetortError:
+            raise
         except Exception as exc:  # a crashing evaluator is a failure row, not an abort
             raise RetortError(f"evaluator {stage.python} failed: {type(exc).__name__}: {exc}") from None
         if isinstance(out, dict):
@@ -415,13 +427,56 @@ class Runner:
                                        [self.run_id, self.spec.name, stage.name, name, float(value), data])
 
 
+class StageContext:
+    """What a Python stage gets as `ctx` when its function takes one: prompts through the runner.
+
+    `await ctx.prompt(...)` renders a template over rows and calls a model with the
+    same cache, concurrency, retries and accounting as a prompt stage, so loops
+    that depend on earlier answers (LbT M3's refinement rounds) stay cached and
+    resumable. `ctx.write_table(suffix, rows)` keeps intermediate tables as
+    `<stage>__<suffix>`.
+    """
+
+    def __init__(self, runner: Runner, stage: PythonStage, stats: StageStats) -> None:
+        self._runner, self._stage, self.stats = runner, stage, stats
+        self.params = runner.spec.params
+        self.run_id = runner.run_id
+
+    async def prompt(self, prompt: str, rows: list[dict[str, Any]], *, model: str = "default", samples: int = 1,
+                     params: dict[str, Any] | None = None, parse: str | dict[str, Any] = "text",
+                     output: str = "output", reask: int = 0) -> list[dict[str, Any]]:
+        """One output row per input row and sample, in input order; `_error` set where parsing failed."""
+        r = self._runner
+        stage = PromptStage.model_validate({"name": self._stage.name, "prompt": prompt, "model": model,
+                                            "samples": samples, "params": params or {}, "parse": parse,
+                                            "output": output, "reask": reask})
+        template = r._template(stage)
+        parser = build_parser(_with_params(parse, r.spec.params), output, where=f"stage {stage.name}",
+                              workspace=r.ws)
+        keyed = [{**row, "_id": str(row.get("_id", i))} for i, row in enumerate(rows)]
+        columns = sorted({c for row in keyed for c in row})
+        template.check_columns(columns)
+        sink: list[dict[str, Any]] = []
+        exec_ = _PromptExecution(r, stage, self.stats, template, parser, "", columns, sink=sink)
+        await exec_.run(pa.Table.from_pylist(keyed))
+        order = {row["_id"]: i for i, row in enumerate(keyed)}
+        sink.sort(key=lambda row: (order[row["_parent"]], row["_sample"]))
+        return sink
+
+    def write_table(self, suffix: str, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self._runner.cache.write_table(self._runner.table(f"{self._stage.name}__{suffix}"),
+                                           pa.Table.from_pylist(rows))
+
+
 class _PromptExecution:
     """One prompt stage in flight: the chunk producer, the workers, and the row assembly."""
 
     def __init__(self, runner: Runner, stage: PromptStage, stats: StageStats, template: Template,
-                 parser: Parser, out_table: str, columns: list[str]) -> None:
+                 parser: Parser, out_table: str, columns: list[str],
+                 sink: list[dict[str, Any]] | None = None) -> None:
         self.r, self.stage, self.stats, self.template, self.parser = runner, stage, stats, template, parser
-        self.out_table = out_table
+        self.out_table, self.sink = out_table, sink
         self.carry = [c for c in columns if c not in LINEAGE and c not in parser.columns]
         self.params = stage.params.model_dump(exclude_none=True)
         self.samples = stage.samples
@@ -595,7 +650,57 @@ class _PromptExecution:
                     row.setdefault(c, None)
             rows.append(row)
         self.stats.rows_out += len(rows)
-        self.r.cache.add_rows(self.out_table, rows)
+        if self.sink is not None:
+            self.sink.extend(rows)
+        else:
+            self.r.cache.add_rows(self.out_table, rows)
+
+
+_PARAM_REF = re.compile(r"^\{\{\s*params\.([A-Za-z_][\w.]*)\s*\}\}$")
+
+
+def _with_params(value: Any, params: dict[str, Any]) -> Any:
+    """In a `parse:` rule, a value that is exactly `{{ params.x }}` becomes that param (a list stays a list)."""
+    if isinstance(value, str):
+        m = _PARAM_REF.match(value.strip())
+        if m:
+            node: Any = params
+            for part in m.group(1).split("."):
+                node = node[part] if isinstance(node, dict) and part in node else None
+            return node if node is not None else value
+        return value
+    if isinstance(value, dict):
+        return {k: _with_params(v, params) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_params(v, params) for v in value]
+    return value
+
+
+def _sql_literal(value: Any) -> str:
+    """`{{ params.labels | sql }}` in a SQL stage: a DuckDB literal, safely quoted."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_sql_literal(v) for v in value) + "]"
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def render_sql(sql: str, params: dict[str, Any]) -> str:
+    """SQL stages are Jinja templates over `params` (`{{ params.k | sql }}` quotes a value)."""
+    if "{" not in sql:
+        return sql.strip().rstrip(";")
+    from retort.templates import ENV
+
+    try:
+        env = ENV.overlay()
+        env.filters["sql"] = _sql_literal
+        return env.from_string(sql).render(params=params).strip().rstrip(";")
+    except Exception as exc:  # jinja2's errors: undefined param, syntax
+        raise TemplateError(str(exc), template="sql") from None
 
 
 def _first_line(exc: BaseException) -> str:
