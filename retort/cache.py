@@ -143,12 +143,12 @@ class Cache:
         batch = pa.table({"key": pa.array(keys, pa.string())})
         self.con.register("_lookup", batch)
         try:
-            rows = self.con.execute("SELECT c.key, c.text, c.prompt_tokens, c.completion_tokens "
-                                    "FROM calls c SEMI JOIN _lookup l ON c.key = l.key").fetchall()
+            cols = self.con.sql("SELECT c.key, c.text, coalesce(c.prompt_tokens, 0) AS p, "
+                                "coalesce(c.completion_tokens, 0) AS c "
+                                "FROM calls c SEMI JOIN _lookup l ON c.key = l.key").to_arrow_table().to_pydict()
         finally:
             self.con.unregister("_lookup")
-        for key, text, pt, ct in rows:
-            found[key] = (text, pt or 0, ct or 0)
+        found.update(zip(cols["key"], zip(cols["text"], cols["p"], cols["c"], strict=True), strict=True))
         return found
 
     def add_call(self, key: str, model: str, messages: list[dict[str, str]], params: dict[str, Any],

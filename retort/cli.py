@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache)
     p = sub.add_parser("schema", help="the JSON Schema of the pipeline spec")
     p.set_defaults(func=cmd_schema)
+    from retort import compare
+
+    compare.add_parser(sub)
     p = sub.add_parser("init", help="a new workspace with one working example")
     p.add_argument("dir")
     p.set_defaults(func=cmd_init)

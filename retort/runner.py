@@ -325,8 +325,8 @@ class Runner:
         try:
             parser = build_parser(_with_params(stage.parse, self.spec.params), stage.output or stage.name,
                                   workspace=self.ws)
-        except SpecError as exc:
-            raise self._stage_error(stage, "parse", exc.detail) from None
+        except (SpecError, NotFoundError) as exc:
+            raise self._stage_error(stage, "parse", getattr(exc, "detail", str(exc))) from None
         source = self._source_table(stage, stage.from_)
         columns = self._columns(stage.from_)
         try:
@@ -356,8 +356,7 @@ class Runner:
         self.cache.drop_table(out_table)
         exec_ = _PromptExecution(self, stage, stats, template, parser, out_table, columns)
         await exec_.run(data)
-        if not self.cache.table_exists(self.schema, stage.name):
-            self.cache.flush()
+        self.cache.flush()  # the next stage reads this table: every row of it, not the last flush's
         if not self.cache.table_exists(self.schema, stage.name):  # no row came out: keep the shape
             new = ", ".join(f'NULL::VARCHAR AS "{c}"' for c in (*LINEAGE, *parser.columns) if c not in columns
                             or c in LINEAGE)
@@ -451,8 +450,7 @@ class StageContext:
                                             "samples": samples, "params": params or {}, "parse": parse,
                                             "output": output, "reask": reask})
         template = r._template(stage)
-        parser = build_parser(_with_params(parse, r.spec.params), output, where=f"stage {stage.name}",
-                              workspace=r.ws)
+        parser = build_parser(_with_params(parse, r.spec.params), output, workspace=r.ws)
         keyed = [{**row, "_id": str(row.get("_id", i))} for i, row in enumerate(rows)]
         columns = sorted({c for row in keyed for c in row})
         template.check_columns(columns)
@@ -484,6 +482,7 @@ class _PromptExecution:
         self.workers: list[asyncio.Task[None]] = []
         self.inflight: dict[str, list[tuple[_Job, int, int]]] = {}  # key → waiters (job, sample, attempt)
         self.run_id = runner.run_id or 0
+        self.reasks: set[asyncio.Task[None]] = set()
 
     def queue(self, model: str) -> asyncio.Queue[tuple[_Job, list[int], int] | None]:
         if model not in self.queues:
@@ -519,7 +518,7 @@ class _PromptExecution:
                             self.stats.cache_hits += 1
                             self.stats.prompt_tokens += hit[1]
                             self.stats.completion_tokens += hit[2]
-                            await self.deliver(job, i, 0, key, hit[0], None)
+                            self.deliver(job, i, 0, key, hit[0], None)
                         elif key in self.inflight:
                             self.inflight[key].append((job, i, 0))
                         else:
@@ -531,8 +530,12 @@ class _PromptExecution:
                 self.r.progress.advance(self.stats)
                 await asyncio.sleep(0)
                 self.r.cache.maybe_flush()
-            for q in self.queues.values():
-                await q.join()
+            while True:
+                for q in list(self.queues.values()):
+                    await q.join()
+                if not self.reasks:
+                    break
+                await asyncio.gather(*list(self.reasks))
         finally:
             for w in self.workers:
                 w.cancel()
@@ -586,7 +589,7 @@ class _PromptExecution:
                     self.r.cache.add_call(key, backend.identity, job.messages, self.params, i, attempt, text,
                                           reason, share_p, share_c, latency, self.run_id, self.stage.name)
                     for waiter, si, att in self.inflight.pop(key, [(job, i, attempt)]):
-                        await self.deliver(waiter, si, att, key, text, None)
+                        self.deliver(waiter, si, att, key, text, None)
                 self.r.progress.advance(self.stats)
             finally:
                 q.task_done()
@@ -606,8 +609,12 @@ class _PromptExecution:
                 return await backend.complete(request)
         raise AssertionError("unreachable")
 
-    async def deliver(self, job: _Job, sample: int, attempt: int, key: str, text: str, error: str | None) -> None:
-        """A sample's text arrived (cache or call): parse it, re-ask if allowed, close the row when complete."""
+    def deliver(self, job: _Job, sample: int, attempt: int, key: str, text: str, error: str | None) -> None:
+        """A sample's text arrived (cache or call): parse it, re-ask if allowed, close the row when complete.
+
+        Synchronous on purpose: it runs once per sample on the replay path. A re-ask
+        is handed to a task, so a worker never blocks on its own full queue.
+        """
         parsed: dict[str, Any] = {}
         try:
             parsed = self.parser(text)
@@ -618,12 +625,14 @@ class _PromptExecution:
                 hit = self.r.cache.lookup([nxt]).get(nxt)
                 if hit is not None:
                     self.stats.cache_hits += 1
-                    await self.deliver(job, sample, attempt + 1, nxt, hit[0], None)
+                    self.deliver(job, sample, attempt + 1, nxt, hit[0], None)
                 elif nxt in self.inflight:
                     self.inflight[nxt].append((job, sample, attempt + 1))
                 else:
                     self.inflight[nxt] = [(job, sample, attempt + 1)]
-                    await self.submit(job, [sample], attempt + 1)
+                    task = asyncio.create_task(self.submit(job, [sample], attempt + 1))
+                    self.reasks.add(task)
+                    task.add_done_callback(self.reasks.discard)
                 return
             error = str(exc) or "does not parse"
         job.results[sample] = (key, text, error, parsed)

@@ -20,6 +20,7 @@ from typing import Any
 
 import jinja2
 from jinja2 import meta, nodes
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from retort.errors import TemplateError
@@ -66,6 +67,7 @@ class Template:
             raise TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno) from None
         self._render = self._template.root_render_func
         self._globals = dict(ENV.globals)
+        self._blocks = self._template.blocks
 
     @classmethod
     def from_file(cls, path: Path, name: str | None = None) -> Template:
@@ -86,7 +88,8 @@ class Template:
     def render(self, row: Mapping[str, Any], params: Mapping[str, Any]) -> list[dict[str, str]]:
         context = {**self._globals, **row, "params": params, "row": row}
         try:
-            text = "".join(self._render(self._template.new_context(context, shared=True)))
+            # A bare Context: new_context() would copy the environment's globals ChainMap on every row.
+            text = "".join(self._render(Context(ENV, context, self.name, self._blocks)))
         except jinja2.UndefinedError as exc:
             raise TemplateError(exc.message or "undefined variable", template=self.name,
                                 line=self._line(exc)) from None
