@@ -130,8 +130,9 @@ class Cache:
             self.con.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
     def table_exists(self, schema: str, name: str) -> bool:
-        return bool(self.con.execute("SELECT count(*) FROM information_schema.tables "
-                                     "WHERE table_schema = ? AND table_name = ?", [schema, name]).fetchall()[0][0])  # type: ignore[index]
+        column = "table_catalog" if schema == "temp" else "table_schema"  # temp tables: catalog temp, schema main
+        return bool(self.con.execute(f"SELECT count(*) FROM information_schema.tables WHERE {column} = ? "
+                                     "AND table_name = ?", [schema, name]).fetchall()[0][0])
 
     # ------------------------------------------------------------ calls
 
@@ -173,7 +174,7 @@ class Cache:
         data = _nulls_as_strings(data)
         self.con.register("_batch", data)
         try:
-            self.con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _batch")
+            self.con.execute(f"{create(table)} AS SELECT * FROM _batch")
         finally:
             self.con.unregister("_batch")
         self._created.add(table)
@@ -230,7 +231,7 @@ class Cache:
             if table in self._created or table in ("calls", "failures"):
                 self.con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
             else:
-                self.con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _batch")
+                self.con.execute(f"{create(table)} AS SELECT * FROM _batch")
                 self._created.add(table)
         finally:
             self.con.unregister("_batch")
@@ -240,6 +241,12 @@ class Cache:
             self.flush()
         finally:
             self.con.close()
+
+
+def create(table: str) -> str:
+    """The CREATE for a table; dry runs (plan, validate) write to DuckDB's `temp` catalog."""
+    temp = "TEMP " if table.startswith("temp.") else ""
+    return f"CREATE OR REPLACE {temp}TABLE {table}"
 
 
 def _nulls_as_strings(table: pa.Table) -> pa.Table:

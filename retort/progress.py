@@ -10,6 +10,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from retort.runner import Progress as RunnerProgress
+from retort.runner import RunResult, StageStats
+
 
 def _console() -> Console:
     console = Console()
@@ -17,8 +20,6 @@ def _console() -> Console:
         console.width = 140
     return console
 
-from retort.runner import Progress as RunnerProgress
-from retort.runner import RunResult, StageStats
 
 
 class RichProgress(RunnerProgress):

@@ -34,16 +34,16 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from retort import backends
 from retort.backends.base import Backend, Completion, Request
-from retort.cache import Cache, call_key, request_base
+from retort.cache import Cache, call_key, create, request_base
 from retort.datasets import read_table
-from retort.errors import (BackendError, DatasetError, NotFoundError, ParseError, RetortError, SpecError,
-                           TemplateError)
+from retort.errors import BackendError, DatasetError, NotFoundError, ParseError, RetortError, SpecError, TemplateError
 from retort.parsers import Parser, build_parser
 from retort.spec import EmbedStage, ModelSpec, Pipeline, PromptStage, PythonStage, Source, SqlStage
 from retort.templates import Template
 from retort.workspace import Workspace
 
 CHUNK_ROWS = 4096
+NOT_CACHED = "not cached (dry run)"  # a plan's placeholder output, so downstream row counts stay right
 LINEAGE = ("_id", "_parent", "_sample", "_call", "_raw", "_error")
 
 
@@ -117,7 +117,7 @@ def _backoff(state: Any) -> float:
 class _Job:
     """One input row of a prompt stage: its samples fill in from the cache or from calls."""
 
-    __slots__ = ("row", "row_id", "messages", "base", "model", "results", "open")
+    __slots__ = ("base", "messages", "model", "open", "results", "row", "row_id")
 
     def __init__(self, row: dict[str, Any], row_id: str, messages: list[dict[str, str]], base: bytes,
                  model: str, samples: int) -> None:
@@ -341,7 +341,9 @@ class Runner:
             self.backend(stage.model)  # an unknown model fails here, before any row
         elif stage.model.column not in columns:
             raise self._stage_error(stage, "model", f"column {stage.model.column!r} is not in {stage.from_}")
-        filters = ["_error IS NULL"] if "_error" in columns else []
+        filters = []
+        if "_error" in columns:
+            filters.append(f"(_error IS NULL OR _error = '{NOT_CACHED}')" if self.dry else "_error IS NULL")
         if stage.where:
             filters.append(f"({stage.where})")
         query = f"SELECT * FROM {source}" + (f" WHERE {' AND '.join(filters)}" if filters else "")
@@ -361,7 +363,7 @@ class Runner:
             new = ", ".join(f'NULL::VARCHAR AS "{c}"' for c in (*LINEAGE, *parser.columns) if c not in columns
                             or c in LINEAGE)
             keep = ", ".join(f'"{c}"' for c in columns if c not in LINEAGE and c not in parser.columns)
-            self.cache.con.execute(f"CREATE TABLE {out_table} AS SELECT {keep + ', ' if keep else ''}{new} "
+            self.cache.con.execute(f"{create(out_table)} AS SELECT {keep + ', ' if keep else ''}{new} "
                                    f"FROM {source} LIMIT 0")
 
     # ------------------------------------------------------------ SQL and Python stages
@@ -379,7 +381,7 @@ class Runner:
             described = [r[0] for r in con.execute(f"DESCRIBE {sql}").fetchall()]
             body = sql if "_id" in described else \
                 f"SELECT '{stage.name}:' || (row_number() OVER () - 1) AS _id, * FROM ({sql})"
-            con.execute(f"CREATE OR REPLACE TABLE {self.table(stage.name)} AS {body}")
+            con.execute(f"{create(self.table(stage.name))} AS {body}")
         except duckdb.Error as exc:
             raise self._stage_error(stage, "sql", _first_line(exc)) from None
         finally:
@@ -548,7 +550,7 @@ class _PromptExecution:
             for i in samples:  # a placeholder keeps downstream row counts right in a plan
                 key = call_key(job.base, i, attempt)
                 self.inflight.pop(key, None)
-                job.results[i] = (key, "", "not cached (dry run)", {})
+                job.results[i] = (key, "", NOT_CACHED, {})
                 self.stats.completed += 1
                 job.open -= 1
             if job.open == 0:
@@ -568,7 +570,7 @@ class _PromptExecution:
                     completion = await self.call(backend, request)
                 except BackendError as exc:
                     for key in keys:
-                        for waiter, i, att in self.inflight.pop(key, []):
+                        for waiter, i, _ in self.inflight.pop(key, []):
                             self.stats.failures += 1
                             self.r.cache.add_failure(self.run_id, self.stage.name, waiter.row_id, key, str(exc),
                                                      exc.status)

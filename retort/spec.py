@@ -41,6 +41,7 @@ class ModelSpec(_Strict):
     replies: list[str] | None = None
     function: str | None = None
     cycle: bool | None = None
+    delay: float | None = Field(None, ge=0, description="scripted: seconds each call takes")
     factory: str | None = Field(None, description="langchain: module:attr returning a BaseChatModel")
     engine_args: dict[str, Any] | None = Field(None, description="vllm: keyword arguments of vllm.LLM")
     rpm: float | None = Field(None, gt=0, description="requests per minute budget")
@@ -250,6 +251,9 @@ def load_pipeline(path: Path | str, overrides: list[str] = ()) -> tuple[Pipeline
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and start is not None and mark is not None and start.line != mark.line:
+            problem += f" ({context} at line {start.line + 1})"
         raise SpecError(f"malformed YAML: {problem}", file=str(path),
                         line=mark.line + 1 if mark else None) from None
     if not isinstance(data, dict):
@@ -293,10 +297,8 @@ def _real_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
     out: list[Any] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            out.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if (isinstance(node, dict) and part in node) or (
+                isinstance(node, list) and isinstance(part, int) and part < len(node)):
             out.append(part)
             node = node[part]
         elif isinstance(node, dict) and part in ("from_", "with_"):

@@ -21,7 +21,7 @@ MODULES = {"local": "local", "openai": "openai", "scripted": "scripted", "vllm":
 def create(name: str, config: dict[str, Any]) -> Backend:
     kind = config.get("backend", "local")
     allowed = os.environ.get("RETORT_ALLOWED_BACKENDS")
-    if allowed is not None and kind not in allowed.split(","):
+    if allowed and kind not in allowed.split(","):
         raise BackendError(f"backend {kind!r} is disabled here (RETORT_ALLOWED_BACKENDS={allowed}); "
                            "tests that need it say so with a marker", model=name)
     module = importlib.import_module(f"retort.backends.{MODULES[kind]}")

@@ -74,4 +74,5 @@ def from_config(config: dict[str, Any]) -> ScriptedBackend:
     fn = import_object(config["function"]) if config.get("function") else None
     return ScriptedBackend(replies=config.get("replies"), function=fn, name=config.get("name", "scripted"),
                            cycle=bool(config.get("cycle", False)),
-                           max_concurrency=int(config.get("max_concurrency") or 64))
+                           max_concurrency=int(config.get("max_concurrency") or 64),
+                           delay=float(config.get("delay") or 0.0))
