@@ -1,0 +1,418 @@
+"""Learning by teaching: the selection and pair functions of evaluators/lbt.py on hand-made scores,
+the lbt_m1 / lbt_m2 pipelines end to end on constructed replies (every table computed by hand),
+GSM8K through --input/--map, and one run on the embedded model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import duckdb
+import pytest
+import yaml
+from conftest import ROOT, SHARED, run_cli
+
+LBT_FILE = ROOT / "evaluators" / "lbt.py"
+GSM8K = SHARED / "gsm8k_test.jsonl"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("retort_test_lbt", LBT_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+lbt = _load()
+
+
+def _rationales(problem: str, items: list[tuple[Any, float | None]], gold: str = "10") -> list[dict[str, Any]]:
+    return [{"_id": f"{problem}.{i}", "problem_id": problem, "group": "g", "question": f"Q{problem}", "gold": gold,
+             "teacher_answer": answer, "lbt_score": score, "rationale": f"text {problem}.{i}"}
+            for i, (answer, score) in enumerate(items)]
+
+
+# --- tally and choose -----------------------------------------------------------------------
+
+def test_tally_groups_by_normalized_answer_skips_missing_answers_and_zeroes_missing_scores() -> None:
+    votes = lbt.tally([("12", 0.5), ("12.00", None), (None, 1.0), ("$12", 0.25), ("7", 1.0), ("", 1.0)])
+    assert [(v.answer, v.key, v.count, v.score_max, v.score_sum, v.score_mean) for v in votes] == [
+        ("12", "12", 3, 0.5, 0.75, 0.25),
+        ("7", "7", 1, 1.0, 1.0, 1.0),
+    ]
+
+
+def test_choose_each_rule_picks_a_different_answer() -> None:
+    # 3 x "5" scored 0, 0, 0.6; 2 x "6" scored 0.5, 0.5; 1 x "7" scored 0.9
+    votes = lbt.tally([("5", 0.0), ("5", 0.0), ("5", 0.6), ("6", 0.5), ("6", 0.5), ("7", 0.9)])
+    picked = {rule: lbt.choose(votes, rule).answer for rule in lbt.RULES}
+    assert picked == {"maj": "5", "max": "7", "sum": "6", "avg": "7"}
+
+
+def test_choose_breaks_score_ties_by_count_then_by_answer_key() -> None:
+    # "8": 1/3 + 1/3 (two rationales); "9": 2/3 (one): SUM ties in value, count decides
+    votes = lbt.tally([("8", 1 / 3), ("9", 2 / 3), ("8", 1 / 3)])
+    assert lbt.choose(votes, "sum").answer == "8"
+    assert lbt.choose(votes, "max").answer == "9"
+    # equal scores and counts: the smaller normalized answer string wins ("12" < "7"), whatever the row order
+    for order in ([("7", 0.5), ("12", 0.5)], [("12", 0.5), ("7", 0.5)]):
+        votes = lbt.tally(order)
+        assert {rule: lbt.choose(votes, rule).answer for rule in lbt.RULES} == dict.fromkeys(lbt.RULES, "12")
+
+
+def test_choose_with_no_votes_and_an_unknown_rule() -> None:
+    assert lbt.choose([], "maj") is None
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        lbt.choose(lbt.tally([("1", 0.0)]), "median")
+
+
+# --- select_answers and selection_accuracy --------------------------------------------------
+
+def test_select_answers_per_problem_and_accuracy() -> None:
+    rows = [
+        # LbT rescues a wrong majority: MAJ 12, the others 10
+        *_rationales("0", [("12", 0.0), ("12", 0.25), ("10", 0.75), ("12.00", 0.0)], gold="10"),
+        # no exam: every score None, MAX/SUM/AVG fall back to MAJ
+        *_rationales("1", [("3", None), ("4", None), ("3", None)], gold="3"),
+        # no answer at all: nothing selected, counted wrong
+        *_rationales("2", [(None, None)], gold="5"),
+        # no gold: not scored
+        *_rationales("3", [("1", 1.0)], gold=None),  # type: ignore[arg-type]
+    ]
+    rows.reverse()  # row order must not matter
+    selection = lbt.select_answers(rows)
+    got = [(s["problem_id"], s["n_rationales"], s["n_answered"], s["n_answers"],
+            s["maj_answer"], s["max_answer"], s["sum_answer"], s["avg_answer"],
+            s["maj_correct"], s["max_correct"], s["sum_correct"], s["avg_correct"], s["oracle_correct"])
+           for s in selection]
+    assert got == [
+        ("0", 4, 4, 2, "12", "10", "10", "10", 0, 1, 1, 1, 1),
+        ("1", 3, 3, 2, "3", "3", "3", "3", 1, 1, 1, 1, 1),
+        ("2", 1, 0, 0, None, None, None, None, 0, 0, 0, 0, 0),
+        ("3", 1, 1, 1, "1", "1", "1", "1", None, None, None, None, None),
+    ]
+    assert lbt.selection_accuracy(selection) == {"maj_accuracy": 1 / 3, "max_accuracy": 2 / 3,
+                                                 "sum_accuracy": 2 / 3, "avg_accuracy": 2 / 3,
+                                                 "oracle_accuracy": 2 / 3, "n": 3}
+    assert lbt.selection_accuracy([]) == {"maj_accuracy": 0.0, "max_accuracy": 0.0, "sum_accuracy": 0.0,
+                                          "avg_accuracy": 0.0, "oracle_accuracy": 0.0, "n": 0}
+
+
+def test_answer_votes_rows() -> None:
+    rows = _rationales("0", [("12", 0.0), ("10", 0.75), ("12.00", 0.25)], gold="10")
+    got = [(v["answer"], v["answer_key"], v["count"], v["score_max"], v["score_sum"], v["score_mean"], v["correct"])
+           for v in lbt.answer_votes(rows)]
+    assert got == [("12", "12", 2, 0.25, 0.25, 0.125, 0), ("10", "10", 1, 0.75, 0.75, 0.75, 1)]
+
+
+def test_select_answers_names_a_missing_column() -> None:
+    from retort.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="lbt_score"):
+        lbt.select_answers([{"_id": "0.0", "problem_id": "0", "teacher_answer": "1"}])
+
+
+# --- grade_exams ------------------------------------------------------------------------------
+
+def test_grade_exams_uses_math_equal_and_keeps_its_columns_when_empty() -> None:
+    rows = [{"_id": "a", "rationale_id": "0.0", "student_answer": "$1,000.00", "exam_answer": "1000"},
+            {"_id": "b", "rationale_id": "0.0", "student_answer": None, "exam_answer": "3"},
+            {"_id": "c", "rationale_id": "0.0", "student_answer": "1/2", "exam_answer": "0.5"},
+            {"_id": "d", "rationale_id": "0.0", "student_answer": "4", "exam_answer": None}]
+    assert [r["correct"] for r in lbt.grade_exams(rows)] == [1, 0, 1, None]
+    empty = lbt.grade_exams([])
+    assert empty.num_rows == 0 and empty.column_names == ["_id", "rationale_id", "correct"]
+
+
+# --- preference_pairs -------------------------------------------------------------------------
+
+def _pairs(rows: list[dict[str, Any]], **kwargs: Any) -> list[tuple[str, str, float]]:
+    out = lbt.preference_pairs(rows, **kwargs)
+    if not isinstance(out, list):
+        return []
+    return [(p["chosen_id"], p["rejected_id"], p["margin"]) for p in out]
+
+
+def test_pairs_margin_order_and_cap() -> None:
+    rows = _rationales("0", [("1", 1.0), ("2", 0.5), ("3", 0.5), ("4", 0.0), ("5", None)])
+    everything = [("0.0", "0.3", 1.0), ("0.0", "0.1", 0.5), ("0.0", "0.2", 0.5), ("0.1", "0.3", 0.5),
+                  ("0.2", "0.3", 0.5)]
+    assert _pairs(rows, min_margin=0.5, max_pairs=None) == everything
+    assert _pairs(rows, min_margin=0.5, max_pairs=0) == everything
+    assert _pairs(rows, min_margin=0.5, max_pairs=2) == everything[:2]
+    assert _pairs(rows, min_margin=0.75, max_pairs=10) == [("0.0", "0.3", 1.0)]
+    assert _pairs(rows, min_margin=1.5) == []
+    # a margin of 0 is never a preference, even with min_margin 0
+    assert ("0.1", "0.2", 0.0) not in _pairs(rows, min_margin=0, max_pairs=None)
+    assert len(_pairs(rows, min_margin=0, max_pairs=None)) == 5
+
+
+def test_pairs_float_margins_compare_exactly_and_problems_are_separate() -> None:
+    rows = [*_rationales("1", [("1", 2 / 3), ("2", 1 / 3)]), *_rationales("0", [("1", 0.3), ("2", 0.1)])]
+    assert _pairs(rows, min_margin=1 / 3) == [("1.0", "1.1", 0.333333333)]
+    assert _pairs(rows, min_margin=0.2) == [("0.0", "0.1", 0.2), ("1.0", "1.1", 0.333333333)]
+
+
+def test_pairs_skip_identical_texts_and_build_the_prompt() -> None:
+    rows = _rationales("0", [("1", 1.0), ("1", 0.0), ("2", 0.0)])
+    rows[1]["rationale"] = rows[0]["rationale"]
+    out = lbt.preference_pairs(rows, min_margin=0.5)
+    assert [(p["chosen_id"], p["rejected_id"]) for p in out] == [("0.0", "0.2")]
+    pair = out[0]
+    assert pair["prompt"] == f"{lbt.DEFAULT_INSTRUCTION}\n\nProblem: Q0"
+    assert (pair["chosen"], pair["rejected"], pair["chosen_score"], pair["rejected_score"]) == (
+        "text 0.0", "text 0.2", 1.0, 0.0)
+    assert (pair["chosen_answer"], pair["rejected_answer"]) == ("1", "2")
+    assert lbt.preference_pairs(rows, min_margin=0.5, instruction="")[0]["prompt"] == "Q0"
+
+
+def test_pairs_empty_result_keeps_the_dpo_columns() -> None:
+    table = lbt.preference_pairs(_rationales("0", [("1", 0.5), ("2", 0.5)]))
+    assert table.num_rows == 0
+    assert {"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "margin"} <= set(table.column_names)
+    with pytest.raises(ValueError, match="min_margin"):
+        lbt.preference_pairs([], min_margin=-1)
+
+
+# --- the pipelines ----------------------------------------------------------------------------
+
+def test_m2_runs_the_m1_stages_unchanged() -> None:
+    m1 = yaml.safe_load((ROOT / "pipelines" / "lbt_m1.yaml").read_text())
+    m2 = yaml.safe_load((ROOT / "pipelines" / "lbt_m2.yaml").read_text())
+    assert m2["stages"][: len(m1["stages"])] == m1["stages"]
+    assert [s["name"] for s in m2["stages"][len(m1["stages"]):]] == ["pairs"]
+    assert (m1["input"], m1["models"]) == (m2["input"], m2["models"])
+
+
+def test_sample_data_has_groups_of_similar_problems() -> None:
+    rows = [json.loads(line) for line in (ROOT / "data" / "math_sample.jsonl").read_text().splitlines()]
+    assert all({"id", "group", "question", "answer"} <= set(r) for r in rows)
+    groups = [r["group"] for r in rows]
+    assert groups[0] == groups[1]  # --limit 2 still has an exam
+    assert sum(groups.count(g) >= 3 for g in set(groups)) >= 4
+
+
+# The constructed run: six problems in groups g1 (p0-p2), g2 (p3, p4) and g3 (p5, alone: no exam).
+# Each teacher rationale says "skill N"; a student answers an exam problem right on repetition i when
+# student_index * 2 + i < N, so with two students and r = 2 every rationale's LbT score is N / 4.
+TINY = [("p0", "g1", "10"), ("p1", "g1", "20"), ("p2", "g1", "30"), ("p3", "g2", "5"), ("p4", "g2", "7"),
+        ("p5", "g3", "1")]
+TEACHER = {  # (answer, skill) per rationale; None = no final answer at all (a parse error)
+    "p0": [("12", 0), ("12", 1), ("10", 3), ("12.00", 0)],
+    "p1": [("20", 2), ("20", 2), ("25", 3), ("30", 0)],
+    "p2": [("31", 4), ("30", 2), ("30", 2), ("29", 0)],
+    "p3": [("5", 2), ("4", 2), ("5", 0), ("4", 0)],
+    "p4": [(None, 0), ("7", 1), ("7", 1), ("8", 4)],
+    "p5": [("1", 0), ("2", 0), ("1", 0), ("3", 0)],
+}
+SCRIPT = textwrap.dedent('''
+    import re
+
+    GOLD = {GOLD!r}
+    TEACHER = {TEACHER!r}
+
+
+    def _user(request):
+        return next(m["content"] for m in request.messages if m["role"] == "user")
+
+
+    def teacher(request):
+        tag = re.findall(r"\\[(p\\d)\\]", _user(request))[-1]  # the last problem: the few-shot ones have none
+        assert request.n == 4, request.n
+        return [f"Rationale {{tag}}-{{k}}: skill {{skill}}. Work it out.\\n[[Final Answer]]: {{answer}}"
+                if answer is not None else "I cannot solve this one."
+                for k, (answer, skill) in enumerate(TEACHER[tag])]
+
+
+    def _student(request, index):
+        text = _user(request)
+        skill = int(re.search(r"skill (\\d)", text).group(1))
+        exam = re.search(r"New problem: .*\\[(p\\d)\\]", text).group(1)
+        assert request.n == 2, request.n
+        return [f"So the answer follows.\\n[[Final Answer]]: {{GOLD[exam] if index * 2 + i < skill else -1}}"
+                for i in range(request.n)]
+
+
+    def alice(request):
+        return _student(request, 0)
+
+
+    def bob(request):
+        return _student(request, 1)
+''')
+
+PAIRS = [  # min_margin 0.5, max_pairs 2
+    ("0.2", "0.0", 0.75), ("0.2", "0.3", 0.75),
+    ("1.2", "1.3", 0.75), ("1.0", "1.3", 0.5),
+    ("2.0", "2.3", 1.0), ("2.0", "2.1", 0.5),
+    ("3.0", "3.2", 0.5), ("3.0", "3.3", 0.5),
+    ("4.3", "4.1", 0.75), ("4.3", "4.2", 0.75),
+]
+
+
+def _tiny_workspace(workspace: Path) -> None:
+    with (workspace / "data" / "tiny.jsonl").open("w") as f:
+        for pid, group, gold in TINY:
+            f.write(json.dumps({"id": pid, "group": group, "answer": gold,
+                                "question": f"How many apples does problem [{pid}] have?"}) + "\n")
+    gold = {pid: answer for pid, _, answer in TINY}
+    (workspace / "evaluators" / "lbt_script.py").write_text(SCRIPT.format(GOLD=gold, TEACHER=TEACHER))
+
+
+def _run_tiny(workspace: Path, pipeline: str, *extra: str) -> Any:
+    _tiny_workspace(workspace)
+    return run_cli("run", pipeline, "--input", "data/tiny.jsonl", "-q",
+                   "--set", "stages.students.sql=SELECT unnest(['alice', 'bob']) AS student",
+                   "--model", "teacher=scripted:lbt_script:teacher",
+                   "--model", "alice=scripted:lbt_script:alice", "--model", "bob=scripted:lbt_script:bob",
+                   *extra, cwd=workspace)
+
+
+def _db(workspace: Path) -> duckdb.DuckDBPyConnection:
+    return duckdb.connect(str(workspace / ".retort" / "retort.duckdb"), read_only=True)
+
+
+def test_m1_every_table_on_constructed_replies(workspace: Path) -> None:
+    proc = _run_tiny(workspace, "lbt_m1")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    con = _db(workspace)
+    try:
+        def q(sql: str) -> list[tuple[Any, ...]]:
+            return con.sql(sql).fetchall()
+
+        assert q("SELECT count(*), count(_error) FROM main.teach") == [(24, 1)]
+        # exam: each answered rationale x the other problems of its group x 2 students
+        # g1: 3 problems x 4 rationales x 2 exam problems x 2 = 48; g2: (4 + 3 answered) x 1 x 2 = 14; g3: none
+        assert q("SELECT count(*) FROM main.exam") == [(62,)]
+        assert q("SELECT _id, problem_id, exam_id, student, exam_answer FROM main.exam WHERE rationale_id = '3.1'") \
+            == [("3.1>4@alice", "3", "4", "alice", "7"), ("3.1>4@bob", "3", "4", "bob", "7")]
+        assert q("SELECT count(*) FROM main.student") == [(124,)]
+        # right answers: skill x exam problems, summed: g1 (4 + 7 + 8) x 2 + g2 (4 + 6) x 1
+        assert q("SELECT count(*), sum(correct) FROM main.graded") == [(124, 48)]
+        scores = q("SELECT _id, n_exam, lbt_sum, lbt_score FROM main.lbt_scores")
+        expected = []
+        for p, (pid, group, _) in enumerate(TINY):
+            exam = {"g1": 2, "g2": 1, "g3": 0}[group]
+            for k, (answer, skill) in enumerate(TEACHER[pid]):
+                examined = exam if answer is not None else 0
+                expected.append((f"{p}.{k}", 4 * examined, skill * examined,
+                                 skill / 4 if examined else None))
+        assert scores == expected
+        assert q("SELECT answer, count, score_max, score_sum, round(score_mean, 6), correct FROM main.votes "
+                 "WHERE problem_id = '0'") == [("12", 3, 0.25, 0.25, 0.083333, 0), ("10", 1, 0.75, 0.75, 0.75, 1)]
+        selection = q("SELECT problem_id, maj_answer, max_answer, sum_answer, avg_answer, "
+                      "maj_correct, max_correct, sum_correct, avg_correct, oracle_correct FROM main.selection")
+        assert selection == [
+            ("0", "12", "10", "10", "10", 0, 1, 1, 1, 1),  # LbT outvotes a wrong majority
+            ("1", "20", "25", "20", "25", 1, 0, 1, 0, 1),  # SUM keeps the frequent right answer
+            ("2", "30", "31", "30", "31", 1, 0, 1, 0, 1),  # SUM ties 1.0 / 1.0: count decides
+            ("3", "4", "4", "4", "4", 0, 0, 0, 0, 1),  # a full tie: "4" < "5"
+            ("4", "7", "8", "8", "8", 1, 0, 0, 0, 1),  # the rationale without an answer does not vote
+            ("5", "1", "1", "1", "1", 1, 1, 1, 1, 1),  # no exam: every rule is MAJ
+        ]
+        accuracy = {"maj_accuracy": 4 / 6, "max_accuracy": 2 / 6, "sum_accuracy": 4 / 6, "avg_accuracy": 2 / 6,
+                    "oracle_accuracy": 1.0, "n": 6}
+        cur = con.execute("SELECT * FROM main.lbt_accuracy")
+        assert dict(zip([d[0] for d in cur.description], cur.fetchall()[0], strict=True)) == accuracy
+        stored = dict(q("SELECT name, value FROM main.metrics WHERE stage = 'lbt_accuracy'"))
+        assert stored == pytest.approx(accuracy)
+    finally:
+        con.close()
+
+
+def test_m2_pairs_on_constructed_replies_and_export(workspace: Path) -> None:
+    proc = _run_tiny(workspace, "lbt_m2", "--set", "stages.pairs.with.min_margin=0.5",
+                     "--set", "stages.pairs.with.max_pairs=2")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    con = _db(workspace)
+    try:
+        pairs = con.sql("SELECT chosen_id, rejected_id, margin, chosen_score, rejected_score, prompt, chosen, "
+                        "rejected FROM main.pairs").fetchall()
+        texts = dict(con.sql("SELECT _id, rationale FROM main.lbt_scores").fetchall())
+        scores = dict(con.sql("SELECT _id, lbt_score FROM main.lbt_scores").fetchall())
+    finally:
+        con.close()
+    assert [p[:3] for p in pairs] == PAIRS
+    for chosen_id, rejected_id, _, chosen_score, rejected_score, prompt, chosen, rejected in pairs:
+        assert (chosen, rejected) == (texts[chosen_id], texts[rejected_id])
+        assert (chosen_score, rejected_score) == (scores[chosen_id], scores[rejected_id])
+        problem = TINY[int(chosen_id.split(".")[0])][0]
+        assert prompt.endswith(f"Problem: How many apples does problem [{problem}] have?")
+    assert texts["0.2"] == "Rationale p0-2: skill 3. Work it out.\n[[Final Answer]]: 10"
+
+    first = {"prompt": pairs[0][5], "chosen": texts["0.2"], "rejected": texts["0.0"]}
+    out = workspace / "pairs.jsonl"
+    proc = run_cli("export", "pairs", "--format", "dpo", "--out", str(out), cwd=workspace)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == len(PAIRS) and records[0] == first
+    proc = run_cli("export", "pairs", "--format", "dpo-chat", "--out", str(out), cwd=workspace)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(out.read_text().splitlines()[0])
+    assert record == {"prompt": [{"role": "user", "content": first["prompt"]}],
+                      "chosen": [{"role": "assistant", "content": first["chosen"]}],
+                      "rejected": [{"role": "assistant", "content": first["rejected"]}]}
+
+
+def test_m1_rerun_is_answered_by_the_cache(workspace: Path) -> None:
+    assert _run_tiny(workspace, "lbt_m1").returncode == 0
+    proc = _run_tiny(workspace, "lbt_m2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert (result["calls_made"], result["cache_hits"]) == (0, 24 + 124)
+
+
+@pytest.mark.skipif(not GSM8K.is_file(), reason="../shared/datasets is not present")
+def test_gsm8k_loads_through_input_and_map(workspace: Path) -> None:
+    (workspace / "evaluators" / "constant.py").write_text(
+        "def reply(request):\n    return ['Add them up.\\n[[Final Answer]]: 18'] * request.n\n")
+    mapping = ["--input", str(GSM8K), "--map", "answer=label", "--model", "*=scripted:constant:reply",
+               "--map", "group=CAST(CAST(split_part(id, '-', 3) AS INTEGER) // 4 AS VARCHAR)"]
+    proc = run_cli("validate", "lbt_m2", *mapping, cwd=workspace)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    proc = run_cli("run", "lbt_m1", *mapping, "--limit", "8", "-q", cwd=workspace)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    con = _db(workspace)
+    try:
+        groups = con.sql("SELECT \"group\", count(*) FROM main.input GROUP BY 1 ORDER BY 1").fetchall()
+        exam = con.sql("SELECT count(*) FROM main.exam").fetchall()
+        selection = con.sql("SELECT problem_id, gold, maj_answer, maj_correct FROM main.selection").fetchall()
+    finally:
+        con.close()
+    assert groups == [("0", 4), ("1", 4)]
+    assert exam == [(8 * 4 * 3,)]  # 8 problems x K=4 x 3 others in a block of 4 x one student
+    assert selection[0] == ("0", "18", "18", 1)  # GSM8K's first problem is the $18 duck eggs
+    assert [row[3] for row in selection].count(1) == sum(1 for row in selection if row[1] == "18")
+
+
+@pytest.mark.local_model
+def test_m2_on_the_embedded_model(workspace: Path) -> None:
+    proc = run_cli("run", "lbt_m2", "--limit", "2", "--set", "stages.teach.samples=2",
+                   "--set", "stages.student.samples=1", "-q", "--json", cwd=workspace)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    result = json.loads(proc.stdout)
+    assert result["status"] == "ok"
+    con = _db(workspace)
+    try:
+        def count(table: str) -> int:
+            return int(con.sql(f"SELECT count(*) FROM main.{table}").fetchall()[0][0])
+
+        answered = int(con.sql("SELECT count(*) FROM main.teach WHERE _error IS NULL").fetchall()[0][0])
+        assert count("teach") == 4
+        assert count("exam") == answered  # rows 0 and 1 share a group: one exam problem each, one student
+        assert count("student") == count("graded") == answered
+        assert count("lbt_scores") == 4
+        assert count("selection") == 2
+        assert con.sql("SELECT n FROM main.lbt_accuracy").fetchall() == [(2,)]
+        assert count("pairs") <= 2 * 4
+        columns = [r[0] for r in con.sql("DESCRIBE main.pairs").fetchall()]
+        assert {"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "margin"} <= set(columns)
+    finally:
+        con.close()
