@@ -21,7 +21,6 @@ import hashlib
 import inspect
 import math
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ from retort.cache import Cache, call_key, create, request_base
 from retort.datasets import read_table
 from retort.errors import BackendError, DatasetError, NotFoundError, ParseError, RetortError, SpecError, TemplateError
 from retort.parsers import Parser, build_parser
-from retort.spec import EmbedStage, ModelSpec, Pipeline, PromptStage, PythonStage, Source, SqlStage
+from retort.spec import EmbedStage, ModelSpec, Pipeline, PromptStage, PythonStage, Source, SqlStage, with_params
 from retort.templates import Template
 from retort.workspace import Workspace
 
@@ -323,7 +322,7 @@ class Runner:
     async def _prompt_stage(self, stage: PromptStage, stats: StageStats) -> None:
         template = self._template(stage)
         try:
-            parser = build_parser(_with_params(stage.parse, self.spec.params), stage.output or stage.name,
+            parser = build_parser(with_params(stage.parse, self.spec.params), stage.output or stage.name,
                                   workspace=self.ws)
         except (SpecError, NotFoundError) as exc:
             raise self._stage_error(stage, "parse", getattr(exc, "detail", str(exc))) from None
@@ -452,7 +451,7 @@ class StageContext:
                                             "samples": samples, "params": params or {}, "parse": parse,
                                             "output": output, "reask": reask})
         template = r._template(stage)
-        parser = build_parser(_with_params(parse, r.spec.params), output, workspace=r.ws)
+        parser = build_parser(with_params(parse, r.spec.params), output, workspace=r.ws)
         keyed = [{**row, "_id": str(row.get("_id", i))} for i, row in enumerate(rows)]
         columns = sorted({c for row in keyed for c in row})
         template.check_columns(columns)
@@ -564,7 +563,8 @@ class _PromptExecution:
             try:
                 job, samples, attempt = item
                 keys = [call_key(job.base, i, attempt) for i in samples]
-                request = Request(job.messages, self.params, n=len(samples), schema=self.parser.schema)
+                request = Request(job.messages, self.params, n=len(samples), schema=self.parser.schema,
+                                  model=model)
                 begun = time.monotonic()
                 try:
                     completion = await self.call(backend, request)
@@ -665,26 +665,6 @@ class _PromptExecution:
             self.sink.extend(rows)
         else:
             self.r.cache.add_rows(self.out_table, rows)
-
-
-_PARAM_REF = re.compile(r"^\{\{\s*params\.([A-Za-z_][\w.]*)\s*\}\}$")
-
-
-def _with_params(value: Any, params: dict[str, Any]) -> Any:
-    """In a `parse:` rule, a value that is exactly `{{ params.x }}` becomes that param (a list stays a list)."""
-    if isinstance(value, str):
-        m = _PARAM_REF.match(value.strip())
-        if m:
-            node: Any = params
-            for part in m.group(1).split("."):
-                node = node[part] if isinstance(node, dict) and part in node else None
-            return node if node is not None else value
-        return value
-    if isinstance(value, dict):
-        return {k: _with_params(v, params) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_with_params(v, params) for v in value]
-    return value
 
 
 def _sql_literal(value: Any) -> str:

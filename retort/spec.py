@@ -264,7 +264,36 @@ def load_pipeline(path: Path | str, overrides: list[str] = ()) -> tuple[Pipeline
         keys, value = parse_override(override)
         apply_override(data, keys, value, src)
     data.setdefault("name", path.stem)
+    if isinstance(data.get("stages"), list):
+        params = data.get("params") or {}
+        data["stages"] = [{k: v if k in ("template", "sql", "prompt") else with_params(v, params)
+                           for k, v in stage.items()} if isinstance(stage, dict) else stage
+                          for stage in data["stages"]]
     return validate(data, src), src
+
+
+_PARAM_REF = re.compile(r"^\{\{\s*params\.([A-Za-z_][\w.]*)\s*\}\}$")
+
+
+def with_params(value: Any, params: dict[str, Any]) -> Any:
+    """A stage value that is exactly `{{ params.x }}` becomes that param, keeping its type.
+
+    So `samples: "{{ params.k }}"`, `parse: {choice: "{{ params.labels }}"}` and
+    `with: {margin: "{{ params.min_margin }}"}` follow one `--set params.x=...`.
+    """
+    if isinstance(value, str):
+        m = _PARAM_REF.match(value.strip())
+        if m:
+            node: Any = params
+            for part in m.group(1).split("."):
+                node = node[part] if isinstance(node, dict) and part in node else None
+            return node if node is not None else value
+        return value
+    if isinstance(value, dict):
+        return {k: with_params(v, params) for k, v in value.items()}
+    if isinstance(value, list):
+        return [with_params(v, params) for v in value]
+    return value
 
 
 def validate(data: dict[str, Any], src: Source) -> Pipeline:

@@ -17,6 +17,7 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, max_tokens, seed, stop, extra_body
     n: int = 1
     schema: dict[str, Any] | None = None  # JSON Schema for structured output, when the stage parses JSON
+    model: str = ""  # the pipeline's name for the model (informational; identity is the backend's)
 
 
 @dataclass(slots=True)
