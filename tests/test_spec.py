@@ -83,8 +83,8 @@ def test_json_schema_describes_stage_kinds() -> None:
 
 def test_stage_values_follow_params(tmp_path: Path) -> None:
     text = GOOD.replace("samples: 2", 'samples: "{{ params.k }}"\n    parse: {choice: "{{ params.labels }}"}')
-    text = text.replace("stages:", "params: {k: 3, labels: [yes, no]}\nstages:")
+    text = text.replace("stages:", "params: {k: 3, labels: [good, bad]}\nstages:")
     spec, _ = load_pipeline(write(tmp_path, text), ["params.k=5"])
     stage = spec.stages[0]
     assert isinstance(stage, PromptStage)
-    assert stage.samples == 5 and stage.parse == {"choice": ["yes", "no"]}
+    assert stage.samples == 5 and stage.parse == {"choice": ["good", "bad"]}
