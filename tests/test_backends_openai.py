@@ -1,0 +1,336 @@
+"""OpenAIBackend against the stub server (bench/stub_server.py) on an ephemeral loopback port.
+
+The stub runs in its own event loop on a background thread, so each test drives the
+backend with a plain `asyncio.run`, as the CLI does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any, TypeVar
+
+import pytest
+from aiohttp import web
+
+from bench.stub_server import STATE, StubState, reply_text, start_stub
+from retort.backends.base import Backend, Completion, Request
+from retort.backends.openai import OpenAIBackend, from_config, parse_retry_after, retryable_status
+from retort.errors import BackendError, EndpointUnreachable, SpecError, UserError
+
+T = TypeVar("T")
+TRANSPORTS = ["fast", "sdk"]
+KEY = "sk-test-d0n0tl3ak-7f3a9c"
+
+
+@dataclass
+class Stub:
+    url: str
+    state: StubState
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[Stub]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    runner, url = asyncio.run_coroutine_threadsafe(start_stub(), loop).result(timeout=10)
+    try:
+        yield Stub(url, runner.app[STATE])
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def use(backend: OpenAIBackend, call: Callable[[OpenAIBackend], Awaitable[T]]) -> T:
+    """Run one call on the backend in a fresh event loop, closing its sessions afterwards."""
+    async def go() -> T:
+        try:
+            return await call(backend)
+        finally:
+            await backend.aclose()
+    return asyncio.run(go())
+
+
+def failure(backend: OpenAIBackend, request: Request) -> BackendError:
+    with pytest.raises(BackendError) as info:
+        use(backend, lambda b: b.complete(request))
+    return info.value
+
+
+def forced(status: int, retry_after: str | None = None) -> Request:
+    """A request the stub answers with `status` (through extra_body, as a stage would send it)."""
+    extra: dict[str, Any] = {"stub_status": status}
+    if retry_after is not None:
+        extra["stub_retry_after"] = retry_after
+    return Request(messages=[{"role": "user", "content": "hi"}], params={"extra_body": extra})
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_satisfies_the_backend_protocol() -> None:
+    backend = OpenAIBackend("m", "http://127.0.0.1:1/v1")
+    assert isinstance(backend, Backend)
+    assert backend.identity == "openai:m"
+    assert backend.max_concurrency == 64
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_both_transports_return_identical_completions(stub: Stub, n: int) -> None:
+    prompt = "Which planet is the largest?"
+    request = Request(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}],
+                      params={"temperature": 0.7, "max_tokens": 16}, n=n)
+    fast = use(OpenAIBackend("stub", stub.url, transport="fast"), lambda b: b.complete(request))
+    sdk = use(OpenAIBackend("stub", stub.url, transport="sdk"), lambda b: b.complete(request))
+
+    texts = [reply_text(prompt, i) for i in range(n)]
+    expected = Completion(texts=texts, prompt_tokens=7, completion_tokens=sum(len(t.split()) for t in texts),
+                          finish_reasons=["stop"] * n)
+    assert fast == expected
+    assert sdk == expected
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_body_carries_params_schema_and_both_extra_bodies(stub: Stub, transport: str) -> None:
+    schema = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
+    backend = OpenAIBackend("served-name", stub.url, transport=transport,  # type: ignore[arg-type]
+                            extra_body={"top_k": 20, "min_p": 0.05})
+    request = Request(messages=[{"role": "user", "content": "classify this"}], n=2, schema=schema,
+                      params={"temperature": 0.2, "top_p": 0.9, "max_tokens": 32, "seed": 7, "stop": ["\n"],
+                              "presence_penalty": None,  # unset: must not reach the server
+                              "extra_body": {"min_p": 0.1, "repetition_penalty": 1.1}})
+    use(backend, lambda b: b.complete(request))
+
+    body = stub.state.last_body
+    assert body is not None
+    assert body["model"] == "served-name"
+    assert body["messages"] == request.messages
+    assert {k: body[k] for k in ("temperature", "top_p", "max_tokens", "seed", "stop", "n")} == {
+        "temperature": 0.2, "top_p": 0.9, "max_tokens": 32, "seed": 7, "stop": ["\n"], "n": 2}
+    assert body["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}
+    assert body["top_k"] == 20  # backend extra_body
+    assert body["min_p"] == 0.1  # the stage's extra_body wins over the backend's
+    assert body["repetition_penalty"] == 1.1
+    assert "presence_penalty" not in body
+    assert "extra_body" not in body
+
+
+def test_n_is_left_out_when_one(stub: Stub) -> None:
+    use(OpenAIBackend("stub", stub.url), lambda b: b.complete(Request(messages=[{"role": "user", "content": "x"}])))
+    assert stub.state.last_body is not None
+    assert "n" not in stub.state.last_body
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_429_is_retryable_with_retry_after(stub: Stub, transport: str) -> None:
+    err = failure(OpenAIBackend("stub", stub.url, transport=transport), forced(429, "7"))  # type: ignore[arg-type]
+    assert err.status == 429
+    assert err.retryable is True
+    assert err.retry_after == 7.0
+    assert err.model == "openai:stub"
+    assert "Rate limit reached" in str(err)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_400_is_not_retryable(stub: Stub, transport: str) -> None:
+    err = failure(OpenAIBackend("stub", stub.url, transport=transport), forced(400))  # type: ignore[arg-type]
+    assert err.status == 400
+    assert err.retryable is False
+    assert "maximum context length" in str(err)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_server_errors_are_retryable(stub: Stub, transport: str) -> None:
+    err = failure(OpenAIBackend("stub", stub.url, transport=transport), forced(503))  # type: ignore[arg-type]
+    assert (err.status, err.retryable, err.retry_after) == (503, True, None)
+
+
+def test_retryable_statuses() -> None:
+    assert [s for s in (400, 401, 403, 404, 408, 409, 422, 429, 500, 502, 503, 504) if retryable_status(s)] == [
+        408, 409, 429, 500, 502, 503, 504]
+
+
+def test_parse_retry_after() -> None:
+    soon = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    past = format_datetime(datetime.now(UTC) - timedelta(seconds=120), usegmt=True)
+    assert parse_retry_after({"retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after": "1.5"}) == 1.5
+    assert 60 < (parse_retry_after({"retry-after": soon}) or 0) <= 120
+    assert parse_retry_after({"retry-after": past}) == 0.0
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after({}) is None
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_retry_after_as_http_date_reaches_the_error(stub: Stub, transport: str) -> None:
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=600), usegmt=True)
+    err = failure(OpenAIBackend("stub", stub.url, transport=transport), forced(429, when))  # type: ignore[arg-type]
+    assert err.retryable
+    assert err.retry_after is not None and 500 < err.retry_after <= 600
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_dropped_connection_is_retryable(transport: str) -> None:
+    async def scenario() -> BackendError:
+        runner, url = await start_stub(drop_rate=1.0)
+        backend = OpenAIBackend("stub", url, transport=transport)  # type: ignore[arg-type]
+        try:
+            await backend.complete(Request(messages=[{"role": "user", "content": "x"}]))
+        except BackendError as e:
+            return e
+        finally:
+            await backend.aclose()
+            await runner.cleanup()
+        raise AssertionError("a dropped connection must fail the call")
+
+    err = asyncio.run(scenario())
+    assert err.retryable is True
+    assert err.status is None
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_refused_connection_is_retryable(transport: str) -> None:
+    url = closed_port_url()
+    err = failure(OpenAIBackend("m", url, transport=transport),  # type: ignore[arg-type]
+                  Request(messages=[{"role": "user", "content": "x"}]))
+    assert err.retryable is True
+    assert url in str(err)
+
+
+@pytest.mark.parametrize(("payload", "expected"), [
+    (b"<html>bad gateway</html>", "malformed response: <html>bad gateway</html>"),
+    (b'{"error": {"message": "upstream overloaded"}}', "malformed response: upstream overloaded"),
+    (b'{"choices": [{"index": 0, "message": {"content": "one"}}]}', "returned 1 choices for n=2"),
+])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_200_that_is_not_a_completion_is_not_retryable(transport: str, payload: bytes, expected: str) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=payload, content_type="application/json")
+
+    async def scenario() -> BackendError:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        backend = OpenAIBackend("m", f"http://127.0.0.1:{sock.getsockname()[1]}/v1",
+                                transport=transport)  # type: ignore[arg-type]
+        try:
+            await backend.complete(Request(messages=[{"role": "user", "content": "x"}], n=2))
+        except BackendError as e:
+            return e
+        finally:
+            await backend.aclose()
+            await runner.cleanup()
+        raise AssertionError("the call must fail")
+
+    err = asyncio.run(scenario())
+    assert expected in str(err)
+    assert err.retryable is False
+
+
+def test_check_lists_served_models(stub: Stub) -> None:
+    backend = OpenAIBackend("stub", stub.url)
+    assert use(backend, lambda b: b.check()) == ["stub"]
+    assert backend.served_models == ["stub"]
+
+
+def test_check_on_a_closed_port_names_the_url() -> None:
+    url = closed_port_url()
+    with pytest.raises(EndpointUnreachable) as info:
+        use(OpenAIBackend("m", url), lambda b: b.check())
+    assert f"cannot reach {url}" in str(info.value)
+
+
+def test_check_tolerates_a_server_without_models() -> None:
+    async def scenario() -> list[str] | None:
+        runner, url = await start_stub()
+        backend = OpenAIBackend("stub", url + "/nothing-here")  # every path 404s under this prefix
+        try:
+            return await backend.check()
+        finally:
+            await backend.aclose()
+            await runner.cleanup()
+
+    assert asyncio.run(scenario()) is None
+
+
+def test_replicas_share_the_calls() -> None:
+    async def scenario() -> list[int]:
+        stubs = [await start_stub(), await start_stub()]
+        backend = OpenAIBackend("stub", [url for _, url in stubs])
+        try:
+            for i in range(4):
+                await backend.complete(Request(messages=[{"role": "user", "content": str(i)}]))
+            return [runner.app[STATE].requests for runner, _ in stubs]
+        finally:
+            await backend.aclose()
+            for runner, _ in stubs:
+                await runner.cleanup()
+
+    assert asyncio.run(scenario()) == [2, 2]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_key_is_sent_but_never_shown(stub: Stub, transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETORT_TEST_KEY", KEY)
+    backend = OpenAIBackend("stub", stub.url, api_key_env="RETORT_TEST_KEY", transport=transport)  # type: ignore[arg-type]
+    use(backend, lambda b: b.complete(Request(messages=[{"role": "user", "content": "x"}])))
+    assert stub.state.last_headers.get("Authorization") == f"Bearer {KEY}"
+
+    err = failure(backend, forced(401))  # the stub quotes the key back, as OpenAI does
+    unreachable = OpenAIBackend("stub", closed_port_url(), api_key_env="RETORT_TEST_KEY")
+    with pytest.raises(EndpointUnreachable) as info:
+        use(unreachable, lambda b: b.check())
+    for shown in (repr(backend), backend.identity, str(err), repr(err), str(info.value)):
+        assert KEY not in shown
+    assert err.retryable is False
+
+
+def test_without_a_key_no_authorization_is_sent(stub: Stub, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The SDK would otherwise pick up OPENAI_API_KEY and send it to whatever base_url this is.
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    for transport in TRANSPORTS:
+        backend = OpenAIBackend("stub", stub.url, transport=transport)  # type: ignore[arg-type]
+        use(backend, lambda b: b.complete(Request(messages=[{"role": "user", "content": "x"}])))
+        assert "Authorization" not in stub.state.last_headers
+
+
+def test_a_missing_key_variable_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RETORT_TEST_KEY", raising=False)
+    with pytest.raises(UserError, match="RETORT_TEST_KEY"):
+        OpenAIBackend("m", api_key_env="RETORT_TEST_KEY")
+
+
+def test_from_config() -> None:
+    backend = from_config({"backend": "openai", "name": "teacher", "model": "qwen", "base_url": "http://h:8000/v1/",
+                           "max_concurrency": 8, "timeout": 5, "extra_body": {"top_k": 5},
+                           "identity": "vllm:qwen-7b", "transport": "sdk", "api_key_env": None, "rpm": 600})
+    assert (backend.model, backend.base_urls, backend.max_concurrency, backend.timeout) == (
+        "qwen", ["http://h:8000/v1"], 8, 5)
+    assert (backend.identity, backend.transport, backend.extra_body) == ("vllm:qwen-7b", "sdk", {"top_k": 5})
+    assert from_config({"model": "gpt-4o-mini"}).base_urls == ["https://api.openai.com/v1"]
+    assert from_config({"model": "gpt-4o-mini", "transport": "auto"}).transport == "fast"
+
+
+def test_from_config_rejects_what_does_not_apply() -> None:
+    with pytest.raises(SpecError, match="model_path"):
+        from_config({"backend": "openai", "model": "m", "model_path": "/x.gguf"})
+    with pytest.raises(SpecError, match="model"):
+        from_config({"backend": "openai"})
