@@ -184,7 +184,13 @@ class Runner:
     async def preflight(self) -> None:
         """Fail fast, before any work, on an endpoint that refuses connections."""
         for name in sorted(self.models_used()):
-            await self.backend(name).check()
+            backend = self.backend(name)
+            served = await backend.check()
+            model = getattr(backend, "model", None)
+            if served and model and model not in served:  # /v1/models answered: the name must be there
+                urls = ", ".join(getattr(backend, "base_urls", []))
+                raise NotFoundError(f"model {name!r}: {urls} does not serve {model!r} "
+                                    f"(it serves: {', '.join(served[:10])})")
 
     # ------------------------------------------------------------ run
 

@@ -37,6 +37,8 @@ class ModelSpec(_Strict):
     timeout: float | None = Field(None, gt=0)
     extra_body: dict[str, Any] | None = None
     transport: Literal["auto", "sdk", "fast"] | None = None
+    structured_output: Literal["json_schema", "json_object"] | None = Field(
+        None, description="how the server takes a JSON schema: OpenAI/vLLM json_schema, llama.cpp json_object")
     model_path: str | None = None
     replies: list[str] | None = None
     function: str | None = None

@@ -214,7 +214,7 @@ def test_a_refused_connection_is_retryable(transport: str) -> None:
 @pytest.mark.parametrize(("payload", "expected"), [
     (b"<html>bad gateway</html>", "malformed response: <html>bad gateway</html>"),
     (b'{"error": {"message": "upstream overloaded"}}', "malformed response: upstream overloaded"),
-    (b'{"choices": [{"index": 0, "message": {"content": "one"}}]}', "returned 1 choices for n=2"),
+    (b'{"choices": []}', "returned no choices"),
 ])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_200_that_is_not_a_completion_is_not_retryable(transport: str, payload: bytes, expected: str) -> None:
@@ -334,3 +334,38 @@ def test_from_config_rejects_what_does_not_apply() -> None:
         from_config({"backend": "openai", "model": "m", "model_path": "/x.gguf"})
     with pytest.raises(SpecError, match="model"):
         from_config({"backend": "openai"})
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_server_that_ignores_n_is_asked_one_sample_at_a_time(transport: str) -> None:
+    bodies: list[dict[str, object]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        body = await request.json()
+        bodies.append(body)
+        text = f"sample seed={body.get('seed')}"
+        return web.json_response({"choices": [{"index": 0, "message": {"content": text}, "finish_reason": "stop"}],
+                                  "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
+
+    async def scenario() -> list[str]:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        backend = OpenAIBackend("m", f"http://127.0.0.1:{sock.getsockname()[1]}/v1",
+                                transport=transport)  # type: ignore[arg-type]
+        try:
+            first = await backend.complete(Request([{"role": "user", "content": "x"}], {"seed": 7}, n=3))
+            second = await backend.complete(Request([{"role": "user", "content": "x"}], {"seed": 7}, n=2))
+            assert first.prompt_tokens == 15 and first.completion_tokens == 6
+            return first.texts + second.texts
+        finally:
+            await backend.aclose()
+            await runner.cleanup()
+
+    texts = asyncio.run(scenario())
+    assert texts == ["sample seed=7", "sample seed=8", "sample seed=9", "sample seed=8", "sample seed=9"]
+    assert [b.get("n") for b in bodies] == [3, None, None, None, None]  # n is not sent again once ignored

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import hashlib
 import inspect
 import os
 from collections.abc import Mapping
@@ -47,7 +48,7 @@ CHECK_TIMEOUT = 3.0  # seconds; preflight should fail fast, not hang on a black-
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 _CONFIG_KEYS = frozenset({"model", "base_url", "api_key_env", "max_concurrency", "timeout", "extra_body",
-                          "identity", "transport"})
+                          "identity", "transport", "structured_output"})
 # Read by the caller (routing) or the runner (rate limits, prices), not by the backend.
 _NOT_OURS = frozenset({"backend", "name", "rpm", "tpm", "price_input", "price_output"})
 
@@ -126,14 +127,21 @@ class OpenAIBackend:
     def __init__(self, model: str, base_url: str | list[str] = DEFAULT_BASE_URL, *,
                  api_key_env: str | None = None, max_concurrency: int = 64, timeout: float = 60,
                  extra_body: dict[str, Any] | None = None, identity: str | None = None,
-                 transport: Transport = "auto") -> None:
+                 transport: Transport = "auto", structured_output: str = "json_schema") -> None:
         if transport not in ("auto", "sdk", "fast"):
             raise ValueError(f"transport must be 'auto', 'sdk' or 'fast', not {transport!r}")
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls:
             raise ValueError("base_url needs at least one URL")
+        if structured_output not in ("json_schema", "json_object"):
+            raise ValueError(f"structured_output must be 'json_schema' or 'json_object', not {structured_output!r}")
         self.model = model
-        self.identity = identity or f"openai:{model}"
+        # Server-side parameters set on the model change completions, so they are part of its identity.
+        suffix = "+" + hashlib.sha256(orjson.dumps(extra_body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:8] \
+            if extra_body else ""
+        self.identity = identity or f"openai:{model}{suffix}"
+        self.structured_output = structured_output
+        self._single_n = False  # set once the server is seen to ignore `n`
         self.base_urls = [u.rstrip("/") for u in urls]
         self.max_concurrency = max_concurrency
         self.timeout = timeout
@@ -166,11 +174,34 @@ class OpenAIBackend:
         body = self._body(request)
         turn = self._turn
         self._turn = (turn + 1) % len(self.base_urls)
+        if self._single_n and request.n > 1:
+            return await self._one_by_one(request, body)
         if self.transport == "fast":
             content = await self._post_fast(self.base_urls[turn], body)
         else:
             content = await self._post_sdk(turn, body)
-        return self._completion(content, request.n)
+        completion = self._completion(content, request.n)
+        if len(completion.texts) < request.n:
+            # The server ignores `n` (llama-cpp-python's does): ask for the rest one at a time, from now on too.
+            self._single_n = True
+            rest = await self._one_by_one(Request(request.messages, request.params, request.n - len(completion.texts),
+                                                  request.schema, request.model), body)
+            return _merge([completion, rest])
+        return completion
+
+    async def _one_by_one(self, request: Request, body: dict[str, Any]) -> Completion:
+        seed = body.get("seed")
+        parts = []
+        for i in range(request.n):
+            single = {k: v for k, v in body.items() if k != "n"}
+            if seed is not None:
+                single["seed"] = seed + i + 1  # distinct samples; the first request used the seed itself
+            turn = self._turn
+            self._turn = (turn + 1) % len(self.base_urls)
+            content = await (self._post_fast(self.base_urls[turn], single) if self.transport == "fast"
+                             else self._post_sdk(turn, single))
+            parts.append(self._completion(content, 1))
+        return _merge(parts)
 
     async def check(self) -> list[str] | None:
         """Reach every base URL; return the served model ids when the server lists them.
@@ -218,8 +249,11 @@ class OpenAIBackend:
         if request.n != 1:  # only when asked: servers without `n` then still serve single samples
             body["n"] = request.n
         if request.schema is not None:
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "output", "schema": request.schema, "strict": True}}
+            if self.structured_output == "json_object":  # llama.cpp's server: a schema-constrained json_object
+                body["response_format"] = {"type": "json_object", "schema": request.schema}
+            else:
+                body["response_format"] = {"type": "json_schema", "json_schema": {
+                    "name": "output", "schema": request.schema, "strict": True}}
         body.update(self.extra_body)
         body.update(stage_extra)
         return body
@@ -236,9 +270,8 @@ class OpenAIBackend:
         except (orjson.JSONDecodeError, KeyError, AttributeError, TypeError, ValueError):
             # A 200 that is not a chat completion (a proxy's error page, an error object): not worth retrying.
             raise self._error(f"malformed response: {_error_message(200, content)}") from None
-        if len(texts) < n:
-            # Retrying cannot help: the server ignores `n` (llama-cpp-python's server does).
-            raise self._error(f"server returned {len(texts)} choices for n={n}; it may not support `n`")
+        if not texts:
+            raise self._error("server returned no choices")
         return Completion(texts=texts, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                           finish_reasons=finish_reasons)
 
@@ -325,6 +358,13 @@ class OpenAIBackend:
 
     def _unreachable(self, url: str, reason: str) -> EndpointUnreachable:
         return EndpointUnreachable(self._scrub(f"cannot reach {url}: {reason}"), model=self.identity)
+
+
+def _merge(parts: list[Completion]) -> Completion:
+    return Completion(texts=[t for p in parts for t in p.texts],
+                      prompt_tokens=sum(p.prompt_tokens for p in parts),
+                      completion_tokens=sum(p.completion_tokens for p in parts),
+                      finish_reasons=[r for p in parts for r in (p.finish_reasons or [""] * len(p.texts))])
 
 
 def from_config(config: dict[str, Any]) -> OpenAIBackend:
