@@ -1,0 +1,252 @@
+"""LbT M3 (pipelines/lbt_m3.yaml): the refinement loop's bookkeeping on scripted replies.
+
+The scripted students answer from markers in the examples they are shown:
+GOLD examples teach the task (every answer right), SILVER ones only the "easy"
+texts, and the initial examples (no marker) teach nothing (alice always says
+positive, bob always negative). The teacher rewrites any examples into
+[GOLD, SILVER, an unparseable reply]. The minibatch is the whole pool, so
+every score below follows by hand.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import duckdb
+import pytest
+from conftest import ROOT, SHARED, run_cli
+
+SCRIPT = '''
+def _query(text):
+    return text.rsplit("Text:", 1)[1].split("Label:")[0].strip()
+
+
+def _truth(query):
+    return "positive" if "good" in query else "negative"
+
+
+def _student(request, fallback):
+    text = "\\n".join(m["content"] for m in request.messages)
+    shown, query = text.rsplit("Text:", 1)[0], _query(text)
+    if "GOLD" in shown:
+        return _truth(query)
+    if "SILVER" in shown:
+        if "easy" in query:
+            return _truth(query)
+        return "negative" if _truth(query) == "positive" else "positive"
+    return fallback
+
+
+def alice(request):
+    return _student(request, "positive")
+
+
+def bob(request):
+    return _student(request, "The answer is negative.")
+
+
+REWRITES = [
+    "Text: GOLD good example\\nLabel: positive\\n\\nText: GOLD bad example\\nLabel: negative",
+    "Here you go.\\nText: SILVER good example\\nLabel: Positive.\\nText: SILVER bad example\\nLabel: negative",
+    "I cannot write examples.",
+]
+
+
+def teacher(request):
+    text = "\\n".join(m["content"] for m in request.messages)
+    if "explain why the examples" in text:
+        return "The examples never show a negative review that sounds mild."
+    if "better examples" in text:
+        return REWRITES[: request.n]
+    if "varied examples" in text:
+        return "Text: TEACHER good one\\nLabel: positive\\nText: TEACHER bad one\\nLabel: negative"
+    raise AssertionError(text)
+'''
+
+ROWS = [
+    ("plain good film", "positive", "train"), ("plain bad film", "negative", "train"),
+    ("easy good plot", "positive", "pool"), ("easy bad plot", "negative", "pool"),
+    ("hard good plot", "positive", "pool"), ("hard bad plot", "negative", "pool"),
+    ("easy good cast", "positive", "heldout"), ("easy bad cast", "negative", "heldout"),
+    ("hard good cast", "positive", "heldout"), ("hard bad cast", "negative", "heldout"),
+]
+MODELS = ("--model", "alice=scripted:m3fake:alice", "--model", "bob=scripted:m3fake:bob",
+          "--model", "default=scripted:m3fake:teacher")
+PARAMS = ("--set", "params.students=[alice, bob]", "--set", "params.n_examples=2", "--set", "params.rounds=2",
+          "--set", "params.beam=2", "--set", "params.candidates=3", "--set", "params.minibatch=4")
+
+
+@pytest.fixture
+def m3(workspace: Path) -> Path:
+    (workspace / "evaluators" / "m3fake.py").write_text(SCRIPT)
+    with (workspace / "data" / "m3.jsonl").open("w") as f:
+        for i, (text, label, split) in enumerate(ROWS):
+            f.write(json.dumps({"id": i, "text": text, "label": label, "split": split}) + "\n")
+    return workspace
+
+
+def _run(ws: Path, *extra: str) -> dict[str, Any]:
+    proc = run_cli("run", "lbt_m3", "--input", "data/m3.jsonl", *MODELS, *PARAMS, *extra, "--json", "-q", cwd=ws)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+def _sql(ws: Path, query: str) -> list[tuple[Any, ...]]:
+    con = duckdb.connect(str(ws / ".retort" / "retort.duckdb"), read_only=True)
+    try:
+        return con.sql(query).fetchall()
+    finally:
+        con.close()
+
+
+def test_rounds_beam_scores_and_heldout(m3: Path) -> None:
+    _run(m3)
+    candidates = _sql(m3, "SELECT round, candidate, parent, role, status, minibatch_score, kept "
+                          "FROM main.refine__candidates ORDER BY round, candidate")
+    assert candidates == [
+        (0, "r0.c0", None, "initial", "ok", None, True),
+        (1, "r0.c0", None, "parent", "ok", 0.5, True),       # ties with r1.c1: the parent keeps its place
+        (1, "r1.c0", "r0.c0", "rewrite", "ok", 1.0, True),
+        (1, "r1.c1", "r0.c0", "rewrite", "ok", 0.5, False),
+        (1, "r1.c2", "r0.c0", "rewrite", "unparsed", None, False),
+        (2, "r0.c0", None, "parent", "ok", 0.5, False),
+        (2, "r1.c0", "r0.c0", "parent", "ok", 1.0, True),    # no failure: not rewritten
+        (2, "r2.c0", "r0.c0", "rewrite", "ok", 1.0, True),
+        (2, "r2.c1", "r0.c0", "rewrite", "ok", 0.5, False),
+        (2, "r2.c2", "r0.c0", "rewrite", "unparsed", None, False),
+    ]
+    # the parent column of a carried beam member is its own parent (None for the initial set)
+    assert _sql(m3, "SELECT DISTINCT parent FROM main.refine__candidates WHERE candidate = 'r1.c0'") == [("r0.c0",)]
+    assert _sql(m3, "SELECT examples FROM main.refine__candidates WHERE candidate = 'r1.c1' AND round = 1") == [
+        ("Text: SILVER good example\nLabel: positive\n\nText: SILVER bad example\nLabel: negative",)]
+
+    rounds = _sql(m3, "SELECT round, minibatch, parents, failures, rewrites, valid, best, best_score, beam "
+                      "FROM main.refine__rounds ORDER BY round")
+    assert rounds == [(1, "2,3,4,5", 1, 4, 3, 2, "r1.c0", 1.0, "r1.c0,r0.c0"),
+                      (2, "2,3,4,5", 2, 4, 3, 2, "r1.c0", 1.0, "r1.c0,r2.c0")]
+
+    heldout = _sql(m3, "SELECT set, candidate, student, count(*), sum(correct::INT) FROM main.refine__heldout "
+                       "GROUP BY ALL ORDER BY set DESC, student")
+    assert heldout == [("initial", "r0.c0", "alice", 4, 2), ("initial", "r0.c0", "bob", 4, 2),
+                       ("final", "r1.c0", "alice", 4, 4), ("final", "r1.c0", "bob", 4, 4)]
+    metrics = _sql(m3, "SELECT rounds, init, final_candidate, candidates, heldout_n, initial_heldout_accuracy, "
+                       "final_heldout_accuracy, heldout_gain, final_minibatch_score FROM main.refine")
+    assert metrics == [(2, "sample", "r1.c0", 6, 4, 0.5, 1.0, 0.5, 1.0)]
+    recorded = dict(_sql(m3, "SELECT name, value FROM main.metrics WHERE stage = 'refine'"))
+    assert recorded["final_heldout_accuracy"] == 1.0 and recorded["initial_heldout_accuracy"] == 0.5
+
+
+def test_failures_are_pooled_across_students(m3: Path) -> None:
+    _run(m3)
+    failures = _sql(m3, "SELECT round, candidate, student, item, label, prediction FROM main.refine__failures "
+                        "ORDER BY round, candidate, item, student")
+    one_round = [("alice", "3", "negative", "positive"), ("bob", "2", "positive", "negative"),
+                 ("alice", "5", "negative", "positive"), ("bob", "4", "positive", "negative")]
+    expected = [(r, "r0.c0", s, i, gold, pred) for r in (1, 2) for s, i, gold, pred in
+                sorted(one_round, key=lambda x: (x[1], x[0]))]
+    assert failures == expected
+    assert _sql(m3, "SELECT round, candidate, failures_shown, reasons FROM main.refine__feedback ORDER BY round") == [
+        (1, "r0.c0", 4, "The examples never show a negative review that sounds mild."),
+        (2, "r0.c0", 4, "The examples never show a negative review that sounds mild.")]
+    # the teacher saw every student's failure, each item once with the wrong answer given
+    prompts = [json.loads(m)[-1]["content"] for (m,) in
+               _sql(m3, "SELECT messages FROM main.calls WHERE messages LIKE '%explain why the examples%'")]
+    assert len(prompts) == 1  # round 2 asked the same question: a cache hit
+    for text, wrong in (("easy good plot", "negative"), ("easy bad plot", "positive"),
+                        ("hard good plot", "negative"), ("hard bad plot", "positive")):
+        assert f"- Text: {text}\n  Correct label: {'positive' if 'good' in text else 'negative'}; " \
+               f"students answered: {wrong}" in prompts[0]
+
+
+def test_failures_shown_are_capped(m3: Path) -> None:
+    _run(m3, "--set", "params.max_failures_shown=2", "--set", "params.rounds=1")
+    assert _sql(m3, "SELECT failures_shown FROM main.refine__feedback") == [(2,)]
+    assert _sql(m3, "SELECT count(*) FROM main.refine__failures") == [(4,)]  # the table keeps them all
+
+
+def test_without_parents_the_beam_is_the_best_rewrites(m3: Path) -> None:
+    _run(m3, "--set", "params.keep_parents=false")
+    # round 1 drops r0.c0 for the SILVER rewrite it ties with; round 2 rewrites SILVER (it fails the hard texts)
+    assert _sql(m3, "SELECT round, beam FROM main.refine__rounds ORDER BY round") == [
+        (1, "r1.c0,r1.c1"), (2, "r2.c0,r2.c1")]
+    assert _sql(m3, "SELECT DISTINCT parent FROM main.refine__candidates WHERE round = 2 AND role = 'rewrite'") == [
+        ("r1.c1",)]
+    assert _sql(m3, "SELECT final_candidate, final_heldout_accuracy FROM main.refine") == [("r2.c0", 1.0)]
+
+
+def test_rerun_makes_no_calls_and_gives_the_same_tables(m3: Path) -> None:
+    first = _run(m3)
+    tables = ("candidates", "failures", "feedback", "rounds", "heldout")
+    before = {t: _sql(m3, f"SELECT * FROM main.refine__{t} ORDER BY ALL") for t in tables}
+    second = _run(m3)
+    assert first["calls_made"] > 0 and second["calls_made"] == 0
+    assert {t: _sql(m3, f"SELECT * FROM main.refine__{t} ORDER BY ALL") for t in tables} == before
+
+
+def test_teacher_written_initial_examples(m3: Path) -> None:
+    _run(m3, "--set", "params.init=teacher", "--set", "params.rounds=1")
+    assert _sql(m3, "SELECT init FROM main.refine") == [("teacher",)]
+    assert _sql(m3, "SELECT examples FROM main.refine__candidates WHERE round = 0") == [
+        ("Text: TEACHER good one\nLabel: positive\n\nText: TEACHER bad one\nLabel: negative",)]
+
+
+def _module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("retort_test_lbt_m3", ROOT / "evaluators" / "lbt_m3.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_helpers_are_seeded_and_balanced() -> None:
+    mod = _module()
+    train = [{"text": f"t{i}", "label": "positive" if i % 3 else "negative"} for i in range(30)]
+    a = mod.sample_examples(train, ["positive", "negative"], 5, random.Random(7))
+    b = mod.sample_examples(train, ["positive", "negative"], 5, random.Random(7))
+    assert a == b and [ex["label"] for ex in a] == ["positive", "negative"] * 2 + ["positive"]
+    pool = [{"item": str(i)} for i in range(20)]
+    assert mod._minibatch(pool, 6, 0, 1) == mod._minibatch(pool, 6, 0, 1)
+    assert mod._minibatch(pool, 6, 0, 1) != mod._minibatch(pool, 6, 0, 2)
+    assert len(mod._minibatch(pool, 50, 0, 1)) == 20
+    parse = mod.parse_examples
+    assert parse("Text: a\nLabel: POSITIVE\nText: b\nLabel: maybe\nText: c\nLabel: <negative>",
+                 ["positive", "negative"]) == [{"text": "a", "label": "positive"}, {"text": "c", "label": "negative"}]
+
+
+@pytest.mark.skipif(not (SHARED / "sst2_test.jsonl").exists(), reason="../shared/datasets is absent")
+def test_real_dataset_loads_with_a_split_mapping(workspace: Path) -> None:
+    (workspace / "evaluators" / "m3fake.py").write_text(SCRIPT)
+    split = "split=CASE hash(id) % 5 WHEN 0 THEN 'train' WHEN 1 THEN 'pool' ELSE 'heldout' END"
+    proc = run_cli("validate", "lbt_m3", "--input", str(SHARED / "sst2_test.jsonl"), "--map", split,
+                   "--model", "*=scripted:m3fake:alice", cwd=workspace)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    proc = run_cli("run", "lbt_m3", "--input", str(SHARED / "sst2_test.jsonl"), "--map", split, "--limit", "40",
+                   "--model", "*=scripted:m3fake:alice", "--set", "params.rounds=1", "--json", "-q", cwd=workspace)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    (n,) = _sql(workspace, "SELECT heldout_n FROM main.refine")[0]
+    assert 0 < n < 40
+
+
+@pytest.mark.local_model
+def test_end_to_end_on_the_embedded_model(workspace: Path) -> None:
+    begun = time.monotonic()
+    proc = run_cli("run", "lbt_m3", "--limit", "6", "--set", "params.rounds=1", "--set", "params.beam=1",
+                   "--set", "params.minibatch=2", "--set", "params.candidates=1", "--set", "params.n_examples=2",
+                   "--json", "-q", cwd=workspace)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert json.loads(proc.stdout)["status"] == "ok"
+    assert _sql(workspace, "SELECT rounds, heldout_n FROM main.refine") == [(1, 2)]
+    ((rewrites,),) = _sql(workspace, "SELECT rewrites FROM main.refine__rounds")
+    # the initial set, the same set as round 1's parent, and the rewrite (none if the students made no mistake)
+    assert _sql(workspace, "SELECT count(*) FROM main.refine__candidates") == [(2 + rewrites,)]
+    assert _sql(workspace, "SELECT count(*) FROM main.refine__heldout") == [(4,)]      # 2 sets x 2 rows
+    assert _sql(workspace, "SELECT count(*) FROM main.refine__rounds") == [(1,)]
+    print(f"lbt_m3 on the embedded model: {time.monotonic() - begun:.1f}s")
