@@ -117,6 +117,11 @@ class Cache:
         for name in sorted(produced):  # stage tables and the extra tables stages keep (`<stage>__<suffix>`)
             if name in stages or name.split("__")[0] in stages:
                 self.con.execute(f'CREATE OR REPLACE VIEW main."{name}" AS SELECT * FROM run_{run_id}."{name}"')
+        views = [r[0] for r in self.con.execute("SELECT table_name FROM information_schema.tables WHERE "
+                                                "table_schema = 'main' AND table_type = 'VIEW'").fetchall()]
+        for name in views:  # a table this pipeline's stages made before but not this time: no stale view
+            if name.split("__")[0] in stages and name not in produced:
+                self.con.execute(f'DROP VIEW main."{name}"')
         self.con.execute("UPDATE runs SET finished_at = now(), status = ?, stats = ? WHERE run_id = ?",
                          [status, orjson.dumps(stats).decode(), run_id])
         self._prune(run_id)

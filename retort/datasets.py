@@ -5,7 +5,7 @@ pipeline SQL runs with external access disabled. A column mapping renames or
 derives columns with DuckDB expressions over the file's own columns, so a real
 dataset fits a pipeline without editing it:
 
-    columns: {text: sentence, conversation: "list_transform(c_h, t -> t.user || ': ' || t.text)"}
+    columns: {text: sentence, conversation: "list_transform(c_h, lambda t: t.user || ': ' || t.text)"}
 """
 
 from __future__ import annotations

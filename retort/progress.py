@@ -93,9 +93,9 @@ def print_plan(result: RunResult) -> None:
     for col in ("stage", "kind", "rows", "calls", "cached", "to call", "est. prompt tokens"):
         table.add_column(col, justify="left" if col in ("stage", "kind") else "right")
     for s in result.stages:
-        calls = s.calls_needed if s.kind == "prompt" else 0
+        calls = s.calls_needed  # prompt stages, and Python stages that prompt through ctx
         table.add_row(s.name, s.kind, str(s.rows_in if s.kind == "prompt" else s.rows_out), str(calls),
                       str(s.cache_hits), str(calls - s.cache_hits), f"{s.est_prompt_tokens:,}")
     console.print(table)
-    need = sum(s.calls_needed - s.cache_hits for s in result.stages if s.kind == "prompt")
+    need = sum(s.calls_needed - s.cache_hits for s in result.stages)
     console.print(f"{need} call(s) to make; rows after an uncached stage are counted with placeholder outputs")

@@ -350,7 +350,10 @@ class Runner:
         if "_error" in columns:
             filters.append(f"(_error IS NULL OR _error = '{NOT_CACHED}')" if self.dry else "_error IS NULL")
         if stage.where:
-            filters.append(f"({stage.where})")
+            try:
+                filters.append(f"({render_sql(stage.where, self.spec.params)})")
+            except TemplateError as exc:
+                raise self._stage_error(stage, "where", str(exc)) from None
         query = f"SELECT * FROM {source}" + (f" WHERE {' AND '.join(filters)}" if filters else "")
         try:
             data = self.cache.con.sql(query).to_arrow_table()
