@@ -36,6 +36,7 @@ from retort.backends.base import Backend, Completion, Request
 from retort.cache import Cache, call_key, create, request_base
 from retort.datasets import read_table
 from retort.errors import BackendError, DatasetError, NotFoundError, ParseError, RetortError, SpecError, TemplateError
+from retort.limits import Limiter
 from retort.parsers import Parser, build_parser
 from retort.spec import EmbedStage, ModelSpec, Pipeline, PromptStage, PythonStage, Source, SqlStage, with_params
 from retort.templates import Template
@@ -144,6 +145,7 @@ class Runner:
         self.backend_factory = backend_factory or backends.create
         self.argv = argv
         self._backends: dict[str, Backend] = {}
+        self._limiters: dict[str, Limiter] = {}
         self.run_id: int | None = None
         self.schema = "temp"
         self.spec_dir = Path(source.file).resolve().parent.parent
@@ -171,8 +173,14 @@ class Runner:
 
     def backend(self, name: str) -> Backend:
         if name not in self._backends:
-            self._backends[name] = self.backend_factory(name, self.model_config(name))
+            config = self.model_config(name)
+            self._backends[name] = backend = self.backend_factory(name, config)
+            self._limiters[name] = Limiter(int(backend.max_concurrency or 1), config.get("rpm"), config.get("tpm"))
         return self._backends[name]
+
+    def limiter(self, name: str) -> Limiter:
+        self.backend(name)
+        return self._limiters[name]
 
     def models_used(self) -> set[str]:
         names = set()
@@ -576,7 +584,7 @@ class _PromptExecution:
                                   model=model)
                 begun = time.monotonic()
                 try:
-                    completion = await self.call(backend, request)
+                    completion = await self.call(backend, self.r.limiter(model), request)
                 except BackendError as exc:
                     for key in keys:
                         for waiter, i, _ in self.inflight.pop(key, []):
@@ -605,20 +613,41 @@ class _PromptExecution:
             finally:
                 q.task_done()
 
-    async def call(self, backend: Backend, request: Request) -> Completion:
+    async def call(self, backend: Backend, limiter: Limiter, request: Request) -> Completion:
         """First try outside tenacity (the hot path); retryable failures then go through it."""
         try:
-            return await backend.complete(request)
+            return await self.attempt(backend, limiter, request)
         except BackendError as exc:
             if not exc.retryable or self.r.max_retries <= 0:
                 raise
+            first_wait = max(exc.retry_after or 0.0, random.uniform(0, 0.5))
         retrying = AsyncRetrying(stop=stop_after_attempt(self.r.max_retries), wait=_backoff,
                                  retry=retry_if_exception(_retryable), reraise=True)
-        await asyncio.sleep(random.uniform(0, 0.5))
+        await asyncio.sleep(first_wait)
         async for attempt in retrying:
             with attempt:
-                return await backend.complete(request)
+                return await self.attempt(backend, limiter, request)
         raise AssertionError("unreachable")
+
+    async def attempt(self, backend: Backend, limiter: Limiter, request: Request) -> Completion:
+        """One try, inside the model's limiter: a 429 halves its concurrency, Retry-After pauses it."""
+        estimate = 0.0
+        if limiter.budgets_tokens:
+            prompt = sum(len(m["content"]) for m in request.messages) / 4
+            estimate = (prompt + float(request.params.get("max_tokens") or 256)) * request.n
+        await limiter.acquire(estimate)
+        try:
+            completion = await backend.complete(request)
+        except BackendError as exc:
+            await limiter.release(ok=False, throttled=exc.status == 429, retry_after=exc.retry_after,
+                                  estimated=estimate, used=estimate)
+            raise
+        except BaseException:
+            await limiter.release(ok=False, estimated=estimate, used=estimate)
+            raise
+        await limiter.release(ok=True, estimated=estimate,
+                              used=completion.prompt_tokens + completion.completion_tokens)
+        return completion
 
     def deliver(self, job: _Job, sample: int, attempt: int, key: str, text: str, error: str | None) -> None:
         """A sample's text arrived (cache or call): parse it, re-ask if allowed, close the row when complete.

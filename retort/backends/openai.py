@@ -28,6 +28,7 @@ import functools
 import hashlib
 import inspect
 import os
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -159,7 +160,11 @@ class OpenAIBackend:
         self._headers = {"Content-Type": "application/json"}
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
-        self._turn = 0  # round-robin position over base_urls
+        # Replicas: requests outstanding, requests sent, consecutive failures, and out-of-rotation deadlines.
+        self._outstanding = [0] * len(self.base_urls)
+        self.served = [0] * len(self.base_urls)
+        self._strikes = [0] * len(self.base_urls)
+        self._out_until = [0.0] * len(self.base_urls)
         # Created on first use, inside the running event loop (aiohttp binds a session to its loop).
         self._session: aiohttp.ClientSession | None = None
         self._sdk_clients: list[AsyncOpenAI] | None = None
@@ -172,15 +177,9 @@ class OpenAIBackend:
 
     async def complete(self, request: Request) -> Completion:
         body = self._body(request)
-        turn = self._turn
-        self._turn = (turn + 1) % len(self.base_urls)
         if self._single_n and request.n > 1:
             return await self._one_by_one(request, body)
-        if self.transport == "fast":
-            content = await self._post_fast(self.base_urls[turn], body)
-        else:
-            content = await self._post_sdk(turn, body)
-        completion = self._completion(content, request.n)
+        completion = self._completion(await self._send(body), request.n)
         if len(completion.texts) < request.n:
             # The server ignores `n` (llama-cpp-python's does): ask for the rest one at a time, from now on too.
             self._single_n = True
@@ -196,12 +195,42 @@ class OpenAIBackend:
             single = {k: v for k, v in body.items() if k != "n"}
             if seed is not None:
                 single["seed"] = seed + i + 1  # distinct samples; the first request used the seed itself
-            turn = self._turn
-            self._turn = (turn + 1) % len(self.base_urls)
-            content = await (self._post_fast(self.base_urls[turn], single) if self.transport == "fast"
-                             else self._post_sdk(turn, single))
-            parts.append(self._completion(content, 1))
+            parts.append(self._completion(await self._send(single), 1))
         return _merge(parts)
+
+    async def _send(self, body: dict[str, Any]) -> bytes:
+        """POST to one replica: the healthy one with the fewest requests outstanding.
+
+        A replica whose request fails with a connection error, a timeout or a 5xx is
+        taken out for a while (5 s, doubling with each consecutive failure, at most
+        60 s); the runner's retry then lands on another one. With every replica out,
+        the one due back first is tried.
+        """
+        if len(self.base_urls) == 1:
+            return await (self._post_fast(self.base_urls[0], body) if self.transport == "fast"
+                          else self._post_sdk(0, body))
+        i = self._pick()
+        self._outstanding[i] += 1
+        self.served[i] += 1
+        try:
+            content = await (self._post_fast(self.base_urls[i], body) if self.transport == "fast"
+                             else self._post_sdk(i, body))
+        except BackendError as exc:
+            if exc.retryable and exc.status != 429:  # a 429 is the server pacing us, not a sick replica
+                self._strikes[i] += 1
+                self._out_until[i] = time.monotonic() + min(60.0, 5.0 * 2 ** (self._strikes[i] - 1))
+            raise
+        finally:
+            self._outstanding[i] -= 1
+        self._strikes[i] = 0
+        return content
+
+    def _pick(self) -> int:
+        now = time.monotonic()
+        candidates = [i for i, until in enumerate(self._out_until) if until <= now]
+        if not candidates:
+            return min(range(len(self.base_urls)), key=self._out_until.__getitem__)
+        return min(candidates, key=lambda i: (self._outstanding[i], self.served[i]))
 
     async def check(self) -> list[str] | None:
         """Reach every base URL; return the served model ids when the server lists them.
