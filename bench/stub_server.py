@@ -131,6 +131,25 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     })
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    """Deterministic 16-dimensional vectors from a hash of each input, normalised."""
+    state = request.app[STATE]
+    body = orjson.loads(await request.read())
+    state.requests += 1
+    state.last_body = body
+    inputs = body.get("input") or []
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    data = []
+    for i, text in enumerate(inputs):
+        digest = hashlib.blake2b(str(text).encode(), digest_size=16).digest()
+        vector = [b - 127.5 for b in digest]
+        norm = sum(x * x for x in vector) ** 0.5 or 1.0
+        data.append({"object": "embedding", "index": i, "embedding": [x / norm for x in vector]})
+    tokens = sum(len(str(t).split()) for t in inputs)
+    return _json({"object": "list", "data": data, "model": body.get("model", ""),
+                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
 async def list_models(request: web.Request) -> web.Response:
     models = request.app[STATE].models
     return _json({"object": "list",
@@ -141,6 +160,7 @@ def make_app(faults: Faults, models: tuple[str, ...] = ("stub",)) -> web.Applica
     app = web.Application()
     app[STATE] = StubState(faults=faults, models=models, rng=random.Random(faults.seed))
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     return app
 

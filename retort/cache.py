@@ -45,6 +45,8 @@ DDL = """
 CREATE TABLE IF NOT EXISTS calls (key VARCHAR, model VARCHAR, messages VARCHAR, params VARCHAR, sample INTEGER,
     attempt INTEGER, text VARCHAR, finish_reason VARCHAR, prompt_tokens INTEGER, completion_tokens INTEGER,
     latency_ms DOUBLE, run_id INTEGER, stage VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS embeddings (key VARCHAR, model VARCHAR, text VARCHAR, vector FLOAT[],
+    tokens INTEGER, run_id INTEGER, created_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS runs (run_id INTEGER, pipeline VARCHAR, spec_path VARCHAR, spec_hash VARCHAR,
     started_at TIMESTAMP, finished_at TIMESTAMP, status VARCHAR, argv VARCHAR, stats JSON);
 CREATE TABLE IF NOT EXISTS failures (run_id INTEGER, stage VARCHAR, row_id VARCHAR, call_key VARCHAR,
@@ -97,6 +99,8 @@ class Cache:
         self._rows: dict[str, list[dict[str, Any]]] = {}
         self._created: set[str] = set()
         self._failures: list[tuple[Any, ...]] = []
+        self._vectors: list[tuple[Any, ...]] = []
+        self._vector_index: dict[str, list[float]] = {}
         self.last_flush = time.monotonic()
         self.flushed_calls = 0
 
@@ -165,6 +169,24 @@ class Cache:
                             run_id, stage, None))
         self._call_index[key] = (text, prompt_tokens, completion_tokens)
 
+    def lookup_embeddings(self, keys: list[str]) -> dict[str, list[float]]:
+        found = {k: self._vector_index[k] for k in keys if k in self._vector_index}
+        if len(found) == len(keys):
+            return found
+        self.con.register("_lookup", pa.table({"key": pa.array(keys, pa.string())}))
+        try:
+            cols = self.con.sql("SELECT e.key, e.vector FROM embeddings e SEMI JOIN _lookup l ON e.key = l.key"
+                                ).to_arrow_table().to_pydict()
+        finally:
+            self.con.unregister("_lookup")
+        found.update(zip(cols["key"], cols["vector"], strict=True))
+        return found
+
+    def add_embedding(self, key: str, model: str, text: str, vector: list[float], tokens: int,
+                      run_id: int) -> None:
+        self._vectors.append((key, model, text, vector, tokens, run_id))
+        self._vector_index[key] = vector
+
     def add_failure(self, run_id: int, stage: str, row_id: str | None, key: str | None, error: str,
                     status: int | None = None) -> None:
         self._failures.append((run_id, stage, row_id, key, error, status))
@@ -192,7 +214,7 @@ class Cache:
     # ------------------------------------------------------------ group commit
 
     def maybe_flush(self) -> None:
-        pending = len(self._calls) + sum(len(r) for r in self._rows.values())
+        pending = len(self._calls) + len(self._vectors) + sum(len(r) for r in self._rows.values())
         if pending >= FLUSH_ROWS or (pending and time.monotonic() - self.last_flush >= FLUSH_SECONDS):
             self.flush()
 
@@ -201,8 +223,9 @@ class Cache:
         calls, self._calls = self._calls, []
         rows, self._rows = self._rows, {}
         failures, self._failures = self._failures, []
+        vectors, self._vectors = self._vectors, []
         self.last_flush = time.monotonic()
-        if not (calls or rows or failures):
+        if not (calls or rows or failures or vectors):
             return
         now = pa.scalar(time.time_ns() // 1000, pa.timestamp("us"))
         self.con.execute("BEGIN")
@@ -212,6 +235,13 @@ class Cache:
                 arrays = [pa.array(col, type=f[1]) for col, f in zip(cols[:-1], CALL_FIELDS[:-1], strict=True)]
                 arrays.append(pa.array([now.value] * len(calls), pa.timestamp("us")))
                 self._insert("calls", pa.Table.from_arrays(arrays, schema=CALL_SCHEMA))
+            if vectors:
+                cols = list(zip(*vectors, strict=True))
+                self._insert("embeddings", pa.table({
+                    "key": pa.array(cols[0], pa.string()), "model": pa.array(cols[1], pa.string()),
+                    "text": pa.array(cols[2], pa.string()), "vector": pa.array(cols[3], pa.list_(pa.float32())),
+                    "tokens": pa.array(cols[4], pa.int32()), "run_id": pa.array(cols[5], pa.int32()),
+                    "created_at": pa.array([now.value] * len(vectors), pa.timestamp("us"))}))
             for table, batch in rows.items():
                 if batch:
                     self._insert(table, _nulls_as_strings(pa.Table.from_pylist(batch)))
@@ -229,11 +259,13 @@ class Cache:
         self.flushed_calls += len(calls)
         for call in calls:  # flushed calls are found by SQL now; keep the in-memory index small
             self._call_index.pop(call[0], None)
+        for vector in vectors:
+            self._vector_index.pop(vector[0], None)
 
     def _insert(self, table: str, data: pa.Table) -> None:
         self.con.register("_batch", data)
         try:
-            if table in self._created or table in ("calls", "failures"):
+            if table in self._created or table in ("calls", "failures", "embeddings"):
                 self.con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
             else:
                 self.con.execute(f"{create(table)} AS SELECT * FROM _batch")

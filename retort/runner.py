@@ -22,10 +22,10 @@ import inspect
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -42,7 +42,9 @@ from retort.spec import EmbedStage, ModelSpec, Pipeline, PromptStage, PythonStag
 from retort.templates import Template
 from retort.workspace import Workspace
 
+T = TypeVar("T")
 CHUNK_ROWS = 4096
+EMBED_BATCH = 64  # texts per embeddings request
 NOT_CACHED = "not cached (dry run)"  # a plan's placeholder output, so downstream row counts stay right
 LINEAGE = ("_id", "_parent", "_sample", "_call", "_raw", "_error")
 
@@ -112,6 +114,44 @@ def _backoff(state: Any) -> float:
     exc = state.outcome.exception() if state.outcome else None
     after = getattr(exc, "retry_after", None) or 0.0
     return max(after, random.uniform(0, min(30.0, 0.5 * 2 ** state.attempt_number)))
+
+
+async def call_with_retries(fn: Callable[[], Awaitable[T]], limiter: Limiter, max_retries: int,
+                            estimate: float = 0.0, tokens: Callable[[T], float] = lambda _: 0.0) -> T:
+    """One model call as every backend gets it: through the model's limiter, retried with tenacity.
+
+    The first try runs outside tenacity (the hot path); a retryable failure (429, 5xx,
+    timeout, connection) is retried with exponential backoff and jitter, never sooner
+    than Retry-After. Every try passes the limiter: a 429 halves the model's
+    concurrency, Retry-After pauses it, and token budgets settle on real usage.
+    """
+
+    async def attempt() -> T:
+        await limiter.acquire(estimate)
+        try:
+            result = await fn()
+        except BackendError as exc:
+            await limiter.release(ok=False, throttled=exc.status == 429, retry_after=exc.retry_after,
+                                  estimated=estimate, used=estimate)
+            raise
+        except BaseException:
+            await limiter.release(ok=False, estimated=estimate, used=estimate)
+            raise
+        await limiter.release(ok=True, estimated=estimate, used=tokens(result))
+        return result
+
+    try:
+        return await attempt()
+    except BackendError as exc:
+        if not exc.retryable or max_retries <= 0:
+            raise
+        first_wait = max(exc.retry_after or 0.0, random.uniform(0, 0.5))
+    await asyncio.sleep(first_wait)
+    async for retry in AsyncRetrying(stop=stop_after_attempt(max_retries), wait=_backoff,
+                                     retry=retry_if_exception(_retryable), reraise=True):
+        with retry:
+            return await attempt()
+    raise AssertionError("unreachable")
 
 
 class _Job:
@@ -294,8 +334,7 @@ class Runner:
         elif isinstance(stage, PythonStage):
             await self._python_stage(stage, stats)
         else:
-            raise SpecError("embed stages need the embeddings backend (not available in this build)",
-                            file=self.src.file, field=f"stages.{stage.name}")
+            await self._embed_stage(stage, stats)
 
     def _loc(self, stage: Any, *fields: str) -> tuple[Any, ...]:
         return ("stages", self.spec.stages.index(stage), *fields)
@@ -381,6 +420,87 @@ class Runner:
             keep = ", ".join(f'"{c}"' for c in columns if c not in LINEAGE and c not in parser.columns)
             self.cache.con.execute(f"{create(out_table)} AS SELECT {keep + ', ' if keep else ''}{new} "
                                    f"FROM {source} LIMIT 0")
+
+    # ------------------------------------------------------------ embed stages
+
+    async def _embed_stage(self, stage: EmbedStage, stats: StageStats) -> None:
+        """One vector per row of `from`, cached by (model identity, text) like calls.
+
+        Similarity is then plain DuckDB in a later SQL stage, e.g.
+        `list_cosine_similarity(a.embedding, b.embedding)`.
+        """
+        source = self._source_table(stage, stage.from_)
+        columns = self._columns(stage.from_)
+        if stage.embed not in columns:
+            raise self._stage_error(stage, "embed", f"column {stage.embed!r} is not in {stage.from_} "
+                                                    f"(columns: {', '.join(c for c in columns if c[0] != '_')})")
+        backend = self.backend(stage.model)
+        if not hasattr(backend, "embed"):
+            raise self._stage_error(stage, "model", f"model {stage.model!r} ({backend.identity}) has no embeddings")
+        where = " WHERE _error IS NULL" if "_error" in columns and not self.dry else ""
+        data = self.cache.con.sql(f"SELECT * FROM {source}{where}").to_arrow_table()
+        stats.rows_in = stats.calls_needed = data.num_rows
+        self.progress.stage_started(stats, data.num_rows)
+        out_table = self.table(stage.name)
+        self.cache.drop_table(out_table)
+        carry = [c for c in columns if c not in LINEAGE and c != stage.output]
+        limiter = self.limiter(stage.model)
+        prefix = backend.identity.encode() + b"\x00"
+        for batch in data.to_batches(CHUNK_ROWS):
+            rows = batch.to_pylist()
+            texts = ["" if r[stage.embed] is None else str(r[stage.embed]) for r in rows]
+            keys = [hashlib.sha256(prefix + t.encode()).hexdigest() for t in texts]
+            found = self.cache.lookup_embeddings(list(dict.fromkeys(keys)))
+            missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in found}
+            stats.cache_hits += sum(1 for k in keys if k in found)
+            if missing and not self.dry:
+                groups = [list(missing.items())[i:i + EMBED_BATCH] for i in range(0, len(missing), EMBED_BATCH)]
+                results = await asyncio.gather(*(self._embed_group(backend, limiter, g, stats) for g in groups),
+                                               return_exceptions=True)
+                for group, result in zip(groups, results, strict=True):
+                    if isinstance(result, BaseException):
+                        if not isinstance(result, BackendError):
+                            raise result
+                        for key, _ in group:
+                            stats.failures += 1
+                            self.cache.add_failure(self.run_id or 0, stage.name, None, key, str(result),
+                                                   result.status)
+                        continue
+                    found.update(result)
+            elif missing:
+                stats.est_prompt_tokens += sum(len(t) for t in missing.values()) // 4
+            out = []
+            for row, key in zip(rows, keys, strict=True):
+                vector = found.get(key)
+                if vector is None and not self.dry:
+                    continue  # its call failed: recorded in `failures`
+                record = {c: row[c] for c in carry}
+                record.update(_id=row["_id"], _parent=row["_id"], _error=None if vector is not None else NOT_CACHED)
+                record[stage.output] = vector
+                out.append(record)
+            stats.completed += len(rows)
+            stats.rows_out += len(out)
+            self.cache.add_rows(out_table, out)
+            self.progress.advance(stats)
+            self.cache.maybe_flush()
+        self.cache.flush()
+        if not self.cache.table_exists(self.schema, stage.name):
+            keep = ", ".join(f'"{c}"' for c in carry)
+            self.cache.con.execute(f"{create(out_table)} AS SELECT {keep + ', ' if keep else ''}NULL::VARCHAR AS _id, "
+                                   f"NULL::VARCHAR AS _parent, NULL::VARCHAR AS _error, "
+                                   f'NULL::FLOAT[] AS "{stage.output}" FROM {source} LIMIT 0')
+
+    async def _embed_group(self, backend: Any, limiter: Limiter, group: list[tuple[str, str]],
+                           stats: StageStats) -> dict[str, list[float]]:
+        texts = [t for _, t in group]
+        vectors, tokens = await call_with_retries(lambda: backend.embed(texts), limiter, self.max_retries,
+                                                  tokens=lambda r: float(r[1]))
+        stats.calls_made += len(group)
+        stats.prompt_tokens += tokens
+        share = tokens // max(1, len(group))
+        for (key, text), vector in zip(group, vectors, strict=True):
+            self.cache.add_embedding(key, backend.identity, text, vector, share, self.run_id or 0)
+        return {key: vector for (key, _), vector in zip(group, vectors, strict=True)}
 
     # ------------------------------------------------------------ SQL and Python stages
 
@@ -614,39 +734,13 @@ class _PromptExecution:
                 q.task_done()
 
     async def call(self, backend: Backend, limiter: Limiter, request: Request) -> Completion:
-        """First try outside tenacity (the hot path); retryable failures then go through it."""
-        try:
-            return await self.attempt(backend, limiter, request)
-        except BackendError as exc:
-            if not exc.retryable or self.r.max_retries <= 0:
-                raise
-            first_wait = max(exc.retry_after or 0.0, random.uniform(0, 0.5))
-        retrying = AsyncRetrying(stop=stop_after_attempt(self.r.max_retries), wait=_backoff,
-                                 retry=retry_if_exception(_retryable), reraise=True)
-        await asyncio.sleep(first_wait)
-        async for attempt in retrying:
-            with attempt:
-                return await self.attempt(backend, limiter, request)
-        raise AssertionError("unreachable")
-
-    async def attempt(self, backend: Backend, limiter: Limiter, request: Request) -> Completion:
-        """One try, inside the model's limiter: a 429 halves its concurrency, Retry-After pauses it."""
         estimate = 0.0
         if limiter.budgets_tokens:
             prompt = sum(len(m["content"]) for m in request.messages) / 4
             estimate = (prompt + float(request.params.get("max_tokens") or 256)) * request.n
-        await limiter.acquire(estimate)
-        try:
-            completion = await backend.complete(request)
-        except BackendError as exc:
-            await limiter.release(ok=False, throttled=exc.status == 429, retry_after=exc.retry_after,
-                                  estimated=estimate, used=estimate)
-            raise
-        except BaseException:
-            await limiter.release(ok=False, estimated=estimate, used=estimate)
-            raise
-        await limiter.release(ok=True, estimated=estimate,
-                              used=completion.prompt_tokens + completion.completion_tokens)
+        completion: Completion = await call_with_retries(
+            lambda: backend.complete(request), limiter, self.r.max_retries, estimate,
+            lambda c: c.prompt_tokens + c.completion_tokens)
         return completion
 
     def deliver(self, job: _Job, sample: int, attempt: int, key: str, text: str, error: str | None) -> None:

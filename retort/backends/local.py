@@ -58,6 +58,7 @@ class LocalBackend:
         self.model_path = model_path  # None: the packaged SmolLM2, located when first loaded
         self.identity = identity or _identity_for(Path(model_path).name if model_path else GGUF_FILE)
         self._llama: Llama | None = None
+        self._embedder: Llama | None = None
         self._named_params: frozenset[str] = frozenset()
         self._executor: ThreadPoolExecutor | None = None
 
@@ -75,6 +76,20 @@ class LocalBackend:
             completion_tokens=sum(u.get("completion_tokens") or 0 for u in usages),
             finish_reasons=[c.get("finish_reason") or "" for c in choices])
 
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean-pooled embeddings from the same GGUF, loaded a second time with embedding=True."""
+        return await self._in_worker(self._embed, texts)
+
+    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        if self._embedder is None:
+            from llama_cpp import Llama
+
+            self._embedder = Llama(model_path=self.model_path or gguf_path(), n_ctx=N_CTX, embedding=True,
+                                   pooling_type=1, verbose=False)  # 1 = LLAMA_POOLING_TYPE_MEAN
+        result = self._embedder.create_embedding(texts)
+        vectors = [[float(x) for x in d["embedding"]] for d in sorted(result["data"], key=lambda d: d["index"])]
+        return vectors, int((result.get("usage") or {}).get("prompt_tokens") or 0)
+
     async def check(self) -> None:
         """Load the model now, so a missing package or a bad file fails before the run starts."""
         await self._in_worker(self._load)
@@ -82,7 +97,7 @@ class LocalBackend:
     async def aclose(self) -> None:
         if self._executor is None:
             return
-        if self._llama is not None:
+        if self._llama is not None or self._embedder is not None:
             await self._in_worker(self._unload)
         self._executor.shutdown(wait=True)
         self._executor = None
@@ -110,9 +125,11 @@ class LocalBackend:
         return [cast(dict[str, Any], llama.create_chat_completion(**call)) for call in calls]
 
     def _unload(self) -> None:
-        if self._llama is not None:
-            self._llama.close()
-            self._llama = None
+        for attr in ("_llama", "_embedder"):
+            model = getattr(self, attr)
+            if model is not None:
+                model.close()
+                setattr(self, attr, None)
 
     # --- helpers ------------------------------------------------------------------------
 

@@ -198,7 +198,21 @@ class OpenAIBackend:
             parts.append(self._completion(await self._send(single), 1))
         return _merge(parts)
 
-    async def _send(self, body: dict[str, Any]) -> bytes:
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Vectors for `texts` from `/v1/embeddings` (vLLM and llama.cpp's server serve it), and the tokens used."""
+        content = await self._send({"model": self.model, "input": texts, **self.extra_body}, "/embeddings")
+        try:
+            data = orjson.loads(content)
+            rows = sorted(data["data"], key=lambda d: d.get("index", 0))
+            vectors = [[float(x) for x in row["embedding"]] for row in rows]
+            tokens = int((data.get("usage") or {}).get("prompt_tokens") or 0)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise self._error(f"malformed embeddings response: {_error_message(200, content)}") from None
+        if len(vectors) != len(texts):
+            raise self._error(f"server returned {len(vectors)} embeddings for {len(texts)} inputs")
+        return vectors, tokens
+
+    async def _send(self, body: dict[str, Any], path: str = "/chat/completions") -> bytes:
         """POST to one replica: the healthy one with the fewest requests outstanding.
 
         A replica whose request fails with a connection error, a timeout or a 5xx is
@@ -207,14 +221,14 @@ class OpenAIBackend:
         the one due back first is tried.
         """
         if len(self.base_urls) == 1:
-            return await (self._post_fast(self.base_urls[0], body) if self.transport == "fast"
-                          else self._post_sdk(0, body))
+            return await (self._post_fast(self.base_urls[0], body, path) if self.transport == "fast"
+                          else self._post_sdk(0, body, path))
         i = self._pick()
         self._outstanding[i] += 1
         self.served[i] += 1
         try:
-            content = await (self._post_fast(self.base_urls[i], body) if self.transport == "fast"
-                             else self._post_sdk(i, body))
+            content = await (self._post_fast(self.base_urls[i], body, path) if self.transport == "fast"
+                             else self._post_sdk(i, body, path))
         except BackendError as exc:
             if exc.retryable and exc.status != 429:  # a 429 is the server pacing us, not a sick replica
                 self._strikes[i] += 1
@@ -317,7 +331,7 @@ class OpenAIBackend:
 
     # --- transports ---------------------------------------------------------------------
 
-    async def _post_fast(self, base_url: str, body: dict[str, Any]) -> bytes:
+    async def _post_fast(self, base_url: str, body: dict[str, Any], path: str = "/chat/completions") -> bytes:
         session = self._session
         if session is None or session.closed:
             session = self._session = aiohttp.ClientSession(
@@ -327,7 +341,7 @@ class OpenAIBackend:
                 # costs two thread-pool hops per request (proxy and netrc lookups).
                 trust_env=_proxy_configured())
         try:
-            async with session.post(f"{base_url}/chat/completions", data=orjson.dumps(body)) as resp:
+            async with session.post(f"{base_url}{path}", data=orjson.dumps(body)) as resp:
                 content = await resp.read()
                 if resp.status >= 300:
                     raise self._http_error(resp.status, resp.headers, content)
@@ -339,19 +353,20 @@ class OpenAIBackend:
         except aiohttp.ClientError as e:  # refused, reset, dropped mid-body: the next attempt may succeed
             raise self._error(f"connection to {base_url} failed: {type(e).__name__}: {e}", retryable=True) from e
 
-    async def _post_sdk(self, turn: int, body: dict[str, Any]) -> bytes:
+    async def _post_sdk(self, turn: int, body: dict[str, Any], path: str = "/chat/completions") -> bytes:
         import openai
 
         if self._sdk_clients is None:
             self._sdk_clients = [self._sdk_client(url) for url in self.base_urls]
-        named = _sdk_named_params()
+        named = _sdk_named_params() if path == "/chat/completions" else frozenset({"model", "input"})
         kwargs = {k: v for k, v in body.items() if k in named}
         extra = {k: v for k, v in body.items() if k not in named}
         # Without a key, keep the SDK from sending OPENAI_API_KEY from the environment to another server.
         headers = None if self._key else {"Authorization": openai.omit}
         try:
-            raw = await self._sdk_clients[turn].chat.completions.with_raw_response.create(
-                **kwargs, extra_body=extra or None, extra_headers=headers)
+            client = self._sdk_clients[turn]
+            endpoint = client.chat.completions if path == "/chat/completions" else client.embeddings
+            raw = await endpoint.with_raw_response.create(**kwargs, extra_body=extra or None, extra_headers=headers)
         except openai.APITimeoutError:
             raise self._error(f"no response within {self.timeout:g}s", retryable=True) from None
         except openai.APIConnectionError as e:

@@ -11,7 +11,9 @@ simulate a failed call.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,6 +34,7 @@ class ScriptedBackend:
         self.max_concurrency = max_concurrency
         self.delay = delay
         self.calls: list[Request] = []  # every request seen, for assertions in tests
+        self.embedded: list[str] = []  # every text embedded
         self._function = function
         if replies is not None:
             replies = list(replies)
@@ -56,11 +59,24 @@ class ScriptedBackend:
         return Completion(texts=texts, prompt_tokens=words,
                           completion_tokens=sum(len(t.split()) for t in texts))
 
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Deterministic bag-of-words vectors (hashed words, L2-normalised): texts sharing words are close."""
+        self.embedded.extend(texts)
+        return [_hashed_bag(t) for t in texts], sum(len(t.split()) for t in texts)
+
     async def check(self) -> None:
         return None
 
     async def aclose(self) -> None:
         return None
+
+
+def _hashed_bag(text: str, dims: int = 64) -> list[float]:
+    vector = [0.0] * dims
+    for word in text.lower().split():
+        vector[int(hashlib.blake2b(word.encode(), digest_size=4).hexdigest(), 16) % dims] += 1.0
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
 
 
 def echo(request: Request) -> str:
