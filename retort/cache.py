@@ -98,6 +98,7 @@ class Cache:
         self._call_index: dict[str, tuple[str, int, int]] = {}
         self._rows: dict[str, list[dict[str, Any]]] = {}
         self._created: set[str] = set()
+        self._types: dict[str, dict[str, pa.DataType]] = {}
         self._failures: list[tuple[Any, ...]] = []
         self._vectors: list[tuple[Any, ...]] = []
         self._vector_index: dict[str, list[float]] = {}
@@ -193,8 +194,11 @@ class Cache:
 
     # ------------------------------------------------------------ stage tables
 
-    def add_rows(self, table: str, rows: list[dict[str, Any]]) -> None:
+    def add_rows(self, table: str, rows: list[dict[str, Any]], types: dict[str, pa.DataType] | None = None) -> None:
+        """Buffer stage rows; `types` pins columns whose type the rows alone may not show (all-null vectors)."""
         self._rows.setdefault(table, []).extend(rows)
+        if types:
+            self._types[table] = types
 
     def write_table(self, table: str, data: pa.Table) -> None:
         """Create or replace a whole table from Arrow (input tables, SQL and Python stage results)."""
@@ -244,7 +248,11 @@ class Cache:
                     "created_at": pa.array([now.value] * len(vectors), pa.timestamp("us"))}))
             for table, batch in rows.items():
                 if batch:
-                    self._insert(table, _nulls_as_strings(pa.Table.from_pylist(batch)))
+                    data = pa.Table.from_pylist(batch)
+                    for column, kind in self._types.get(table, {}).items():
+                        i = data.schema.get_field_index(column)
+                        data = data.set_column(i, pa.field(column, kind), data.column(i).cast(kind))
+                    self._insert(table, _nulls_as_strings(data))
             if failures:
                 self._insert("failures", pa.table({
                     "run_id": [f[0] for f in failures], "stage": [f[1] for f in failures],

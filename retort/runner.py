@@ -437,8 +437,17 @@ class Runner:
         backend = self.backend(stage.model)
         if not hasattr(backend, "embed"):
             raise self._stage_error(stage, "model", f"model {stage.model!r} ({backend.identity}) has no embeddings")
-        where = " WHERE _error IS NULL" if "_error" in columns and not self.dry else ""
-        data = self.cache.con.sql(f"SELECT * FROM {source}{where}").to_arrow_table()
+        filters = ["_error IS NULL"] if "_error" in columns and not self.dry else []
+        if stage.where:
+            try:
+                filters.append(f"({render_sql(stage.where, self.spec.params)})")
+            except TemplateError as exc:
+                raise self._stage_error(stage, "where", str(exc)) from None
+        query = f"SELECT * FROM {source}" + (f" WHERE {' AND '.join(filters)}" if filters else "")
+        try:
+            data = self.cache.con.sql(query).to_arrow_table()
+        except duckdb.Error as exc:
+            raise self._stage_error(stage, "where", _first_line(exc)) from None
         stats.rows_in = stats.calls_needed = data.num_rows
         self.progress.stage_started(stats, data.num_rows)
         out_table = self.table(stage.name)
@@ -480,7 +489,7 @@ class Runner:
                 out.append(record)
             stats.completed += len(rows)
             stats.rows_out += len(out)
-            self.cache.add_rows(out_table, out)
+            self.cache.add_rows(out_table, out, {stage.output: pa.list_(pa.float32())})
             self.progress.advance(stats)
             self.cache.maybe_flush()
         self.cache.flush()

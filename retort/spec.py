@@ -110,6 +110,7 @@ class PythonStage(_Stage):
 class EmbedStage(_Stage):
     embed: str = Field(description="the column to embed")
     from_: str = Field("input", alias="from")
+    where: str | None = Field(None, description="SQL filter over the `from` table")
     model: str = "default"
     output: str = Field("embedding", pattern=IDENT)
 

@@ -272,6 +272,7 @@ def _run_tiny(workspace: Path, pipeline: str, *extra: str) -> Any:
                    "--set", "stages.students.sql=SELECT unnest(['alice', 'bob']) AS student",
                    "--model", "teacher=scripted:lbt_script:teacher",
                    "--model", "alice=scripted:lbt_script:alice", "--model", "bob=scripted:lbt_script:bob",
+                   "--model", "default=scripted:lbt_script:alice",  # embeds problems when exam=knn
                    *extra, cwd=workspace)
 
 
@@ -416,3 +417,25 @@ def test_m2_on_the_embedded_model(workspace: Path) -> None:
         assert {"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "margin"} <= set(columns)
     finally:
         con.close()
+
+
+def test_m1_knn_exams_are_the_nearest_problems_by_embedding(workspace: Path) -> None:
+    proc = _run_tiny(workspace, "lbt_m1", "--set", "params.exam=knn", "--set", "params.k=2")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    con = _db(workspace)
+    per_rationale = con.execute("SELECT rationale_id, count(DISTINCT exam_id), bool_and(exam_id <> problem_id) "
+                                "FROM main.exam GROUP BY 1").fetchall()
+    assert per_rationale and all(n == 2 and distinct for _, n, distinct in per_rationale)
+    # the exam is exactly the 2 problems whose vectors are closest (ties by id), computed here in Python
+    vectors = dict(con.execute("SELECT _id, embedding FROM main.problem_vec").fetchall())
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        norm = (sum(x * x for x in a) * sum(y * y for y in b)) ** 0.5
+        return dot / norm if norm else 0.0
+
+    expected = {a: sorted(sorted((b for b in vectors if b != a),
+                                 key=lambda b: (-round(cosine(vectors[a], vectors[b]), 6), b))[:2])
+                for a in vectors}
+    got = dict(con.execute("SELECT problem_id, list_sort(list(DISTINCT exam_id)) FROM main.exam GROUP BY 1").fetchall())
+    assert got == {k: v for k, v in expected.items() if k in got}
