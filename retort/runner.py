@@ -39,7 +39,7 @@ from retort.errors import BackendError, DatasetError, NotFoundError, ParseError,
 from retort.limits import Limiter
 from retort.parsers import Parser, build_parser
 from retort.spec import EmbedStage, ModelSpec, Pipeline, PromptStage, PythonStage, Source, SqlStage, with_params
-from retort.templates import Template
+from retort.templates import Template, environment
 from retort.workspace import Workspace
 
 T = TypeVar("T")
@@ -186,6 +186,7 @@ class Runner:
         self.argv = argv
         self._backends: dict[str, Backend] = {}
         self._limiters: dict[str, Limiter] = {}
+        self._env: Any = None  # the workspace's Jinja environment, made on first use
         self.run_id: int | None = None
         self.schema = "temp"
         self.spec_dir = Path(source.file).resolve().parent.parent
@@ -370,7 +371,9 @@ class Runner:
         if path is None:
             raise self._stage_error(stage, "prompt", f"no template {stage.prompt!r} in prompts/ of "
                                                      f"{self.ws.root} or the built-in library")
-        return Template.from_file(path, f"prompts/{stage.prompt}")
+        if self._env is None:
+            self._env = environment([root / "prompts" for root in self.ws.roots])
+        return Template.from_file(path, f"prompts/{stage.prompt}", self._env)
 
     async def _prompt_stage(self, stage: PromptStage, stats: StageStats) -> None:
         template = self._template(stage)

@@ -39,6 +39,12 @@ def _env() -> ImmutableSandboxedEnvironment:
 ENV = _env()
 
 
+def environment(prompt_dirs: list[Path]) -> ImmutableSandboxedEnvironment:
+    """The environment of a workspace: `{% include %}` and `{% import %}` resolve in its prompts/ folders."""
+    loader = jinja2.ChoiceLoader([jinja2.FileSystemLoader(str(d)) for d in prompt_dirs if d.is_dir()])
+    return ENV.overlay(loader=loader)  # type: ignore[no-any-return]
+
+
 _BLOCK = re.compile(r"(\{%-?\s*block\s+(system|user|assistant)\s*-?%\})")
 _MARK, _SEP = "\x1e", "\x1f"
 
@@ -51,10 +57,11 @@ class Template:
     faster than rendering each block in a fresh Jinja context.
     """
 
-    def __init__(self, source: str, name: str) -> None:
+    def __init__(self, source: str, name: str, env: ImmutableSandboxedEnvironment | None = None) -> None:
         self.name, self.source = name, source
+        self.env = env = env or ENV
         try:
-            self.ast = ENV.parse(source)
+            self.ast = env.parse(source)
             blocks = [b.name for b in self.ast.find_all(nodes.Block)]
             unknown = set(blocks) - set(ROLES)
             if unknown:
@@ -62,16 +69,17 @@ class Template:
                                     template=name)
             self.has_roles = bool(blocks)
             marked = _BLOCK.sub(lambda m: f"{m.group(1)}{_MARK}{m.group(2)}{_SEP}", source)
-            self._template = ENV.from_string(marked)
+            self._template = env.from_string(marked)
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno) from None
         self._render = self._template.root_render_func
-        self._globals = dict(ENV.globals)
+        self._globals = dict(env.globals)
         self._blocks = self._template.blocks
 
     @classmethod
-    def from_file(cls, path: Path, name: str | None = None) -> Template:
-        return cls(path.read_text(encoding="utf-8"), name or str(path))
+    def from_file(cls, path: Path, name: str | None = None,
+                  env: ImmutableSandboxedEnvironment | None = None) -> Template:
+        return cls(path.read_text(encoding="utf-8"), name or str(path), env)
 
     def variables(self) -> set[str]:
         return set(meta.find_undeclared_variables(self.ast)) - BUILTIN_NAMES
@@ -89,7 +97,7 @@ class Template:
         context = {**self._globals, **row, "params": params, "row": row}
         try:
             # A bare Context: new_context() would copy the environment's globals ChainMap on every row.
-            text = "".join(self._render(Context(ENV, context, self.name, self._blocks)))
+            text = "".join(self._render(Context(self.env, context, self.name, self._blocks)))
         except jinja2.UndefinedError as exc:
             raise TemplateError(exc.message or "undefined variable", template=self.name,
                                 line=self._line(exc)) from None

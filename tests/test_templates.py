@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from retort.errors import TemplateError
@@ -41,3 +43,15 @@ def test_sandbox_blocks_unsafe_attribute_access() -> None:
     t = Template("{{ text.__class__.__mro__ }}", "t.j2")
     with pytest.raises(TemplateError):
         t.render({"text": "x"}, {})
+
+
+def test_include_and_import_resolve_in_prompt_folders(tmp_path: Path) -> None:
+    from retort.templates import environment
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "labels.j2").write_text("Labels: {{ params.labels | join('/') }}")
+    (tmp_path / "shared" / "macros.j2").write_text("{% macro shout(x) %}{{ x | upper }}{% endmacro %}")
+    env = environment([tmp_path])
+    t = Template('{% import "shared/macros.j2" as m %}{{ m.shout(text) }}\n{% include "shared/labels.j2" %}',
+                 "t.j2", env)
+    assert t.render({"text": "hi"}, {"labels": ["a", "b"]}) == [{"role": "user", "content": "HI\nLabels: a/b"}]
