@@ -646,28 +646,32 @@ class _PromptExecution:
     async def run(self, data: pa.Table) -> None:
         stage, params, schema = self.stage, self.params, self.parser.schema
         static_model = stage.model if isinstance(stage.model, str) else None
+        identities: dict[str, str] = {}
+        render, pipeline_params, samples = self.template.render, self.r.spec.params, range(self.samples)
+        stats = self.stats
         try:
             for batch in data.to_batches(CHUNK_ROWS):
                 jobs: list[_Job] = []
                 keys: list[str] = []
                 for row in batch.to_pylist():
                     model = static_model or str(row[stage.model.column])  # type: ignore[union-attr]
-                    identity = self.r.backend(model).identity
-                    messages = self.template.render(row, self.r.spec.params)
+                    identity = identities.get(model)
+                    if identity is None:
+                        identity = identities[model] = self.r.backend(model).identity
+                    messages = render(row, pipeline_params)
                     base = request_base(identity, messages, params, schema)
-                    job = _Job(row, row["_id"], messages, base, model, self.samples)
-                    jobs.append(job)
-                    keys += [call_key(base, i) for i in range(self.samples)]
+                    jobs.append(_Job(row, row["_id"], messages, base, model, self.samples))
+                    keys += [call_key(base, i) for i in samples]
                 found = self.r.cache.lookup(keys)
                 for j, job in enumerate(jobs):
                     missing = []
-                    for i in range(self.samples):
+                    for i in samples:
                         key = keys[j * self.samples + i]
                         hit = found.get(key)
                         if hit is not None:
-                            self.stats.cache_hits += 1
-                            self.stats.prompt_tokens += hit[1]
-                            self.stats.completion_tokens += hit[2]
+                            stats.cache_hits += 1
+                            stats.prompt_tokens += hit[1]
+                            stats.completion_tokens += hit[2]
                             self.deliver(job, i, 0, key, hit[0], None)
                         elif key in self.inflight:
                             self.inflight[key].append((job, i, 0))
@@ -795,10 +799,8 @@ class _PromptExecution:
             key, text, error, parsed = result
             if error and error.startswith("call failed"):
                 continue  # recorded in `failures`; a rerun calls it again
-            row = dict(base)
-            row.update(_id=f"{job.row_id}.{i}", _parent=job.row_id, _sample=i, _call=key, _raw=text,
-                       _error=error)
-            row.update(parsed)
+            row = {**base, "_id": f"{job.row_id}.{i}", "_parent": job.row_id, "_sample": i, "_call": key,
+                   "_raw": text, "_error": error, **parsed}
             if error:
                 self.stats.parse_errors += not self.r.dry
                 for c in self.parser.columns:
