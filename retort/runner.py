@@ -182,7 +182,7 @@ class Runner:
         self.model_targets = model_targets or {}
         self.progress = progress or Progress()
         self.max_retries = max_retries
-        self.backend_factory = backend_factory or backends.create
+        self.backend_factory = backend_factory or (lambda name, config: backends.create(name, config, workspace))
         self.argv = argv
         self._backends: dict[str, Backend] = {}
         self._limiters: dict[str, Limiter] = {}

@@ -18,8 +18,12 @@ __all__ = ["Backend", "Completion", "Request", "create", "parse_target"]
 MODULES = {"local": "local", "openai": "openai", "scripted": "scripted", "vllm": "vllm", "langchain": "langchain"}
 
 
-def create(name: str, config: dict[str, Any]) -> Backend:
+def create(name: str, config: dict[str, Any], workspace: Any = None) -> Backend:
+    """Build the backend for model `name`. `workspace` resolves the `module:attr` names that scripted
+    and langchain models take (its evaluators/ folder first)."""
     kind = config.get("backend", "local")
+    if workspace is not None and kind in ("scripted", "langchain"):
+        config = {**config, "workspace": workspace}
     allowed = os.environ.get("RETORT_ALLOWED_BACKENDS")
     if allowed and kind not in allowed.split(","):
         raise BackendError(f"backend {kind!r} is disabled here (RETORT_ALLOWED_BACKENDS={allowed}); "
@@ -36,6 +40,7 @@ def parse_target(target: str) -> dict[str, Any]:
         http://host/v1#served-name     ... serving another model name
         openai:gpt-4o-mini             api.openai.com, key from OPENAI_API_KEY
         scripted:module:function       replies from a function
+        langchain:module:attr          a langchain-core chat model (or a factory of one)
     """
     if target == "local":
         return {"backend": "local"}
@@ -47,7 +52,9 @@ def parse_target(target: str) -> dict[str, Any]:
                 "api_key_env": "OPENAI_API_KEY"}
     if target.startswith("scripted:"):
         return {"backend": "scripted", "function": target[9:]}
+    if target.startswith("langchain:"):
+        return {"backend": "langchain", "factory": target[10:]}
     if target.startswith("vllm:"):
         return {"backend": "vllm", "model": target[5:]}
-    raise BackendError(f"--model target {target!r}: expected local, a URL, openai:MODEL, vllm:MODEL "
-                       "or scripted:module:function")
+    raise BackendError(f"--model target {target!r}: expected local, a URL, openai:MODEL, vllm:MODEL, "
+                       "scripted:module:function or langchain:module:attr")

@@ -87,7 +87,7 @@ def echo(request: Request) -> str:
 def from_config(config: dict[str, Any]) -> ScriptedBackend:
     from retort.workspace import import_object
 
-    fn = import_object(config["function"]) if config.get("function") else None
+    fn = import_object(config["function"], config.get("workspace")) if config.get("function") else None
     return ScriptedBackend(replies=config.get("replies"), function=fn, name=config.get("name", "scripted"),
                            cycle=bool(config.get("cycle", False)),
                            max_concurrency=int(config.get("max_concurrency") or 64),
