@@ -57,10 +57,15 @@ CREATE TABLE IF NOT EXISTS metrics (run_id INTEGER, pipeline VARCHAR, stage VARC
 
 
 def request_base(model: str, messages: list[dict[str, str]], params: dict[str, Any],
-                 schema: dict[str, Any] | None) -> bytes:
-    """Canonical JSON of everything but the sample index that changes a completion."""
-    return orjson.dumps({"model": model, "messages": messages, "params": params, "schema": schema},
-                        option=orjson.OPT_SORT_KEYS)
+                 schema: dict[str, Any] | None, choices: list[str] | None = None) -> bytes:
+    """Canonical JSON of everything but the sample index that changes a completion.
+
+    A choice stage's options enter only when present (a backend may constrain decoding to them).
+    """
+    request: dict[str, Any] = {"model": model, "messages": messages, "params": params, "schema": schema}
+    if choices is not None:
+        request["choices"] = choices
+    return orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
 
 
 def call_key(base: bytes, sample: int, attempt: int = 0) -> str:

@@ -233,6 +233,8 @@ class Runner:
     async def preflight(self) -> None:
         """Fail fast, before any work, on an endpoint that refuses connections."""
         for name in sorted(self.models_used()):
+            if self.dry and self.model_config(name).get("backend") in ("local", "vllm"):
+                continue  # checking would load the weights; a plan or validate never calls them
             backend = self.backend(name)
             served = await backend.check()
             model = getattr(backend, "model", None)
@@ -646,7 +648,7 @@ class _PromptExecution:
     async def run(self, data: pa.Table) -> None:
         stage, params, schema = self.stage, self.params, self.parser.schema
         static_model = stage.model if isinstance(stage.model, str) else None
-        identities: dict[str, str] = {}
+        identities: dict[str, tuple[str, list[str] | None]] = {}
         render, pipeline_params, samples = self.template.render, self.r.spec.params, range(self.samples)
         stats = self.stats
         try:
@@ -655,11 +657,11 @@ class _PromptExecution:
                 keys: list[str] = []
                 for row in batch.to_pylist():
                     model = static_model or str(row[stage.model.column])  # type: ignore[union-attr]
-                    identity = identities.get(model)
-                    if identity is None:
-                        identity = identities[model] = self.r.backend(model).identity
+                    known = identities.get(model)
+                    if known is None:
+                        known = identities[model] = self.model_identity(model)
                     messages = render(row, pipeline_params)
-                    base = request_base(identity, messages, params, schema)
+                    base = request_base(known[0], messages, params, schema, known[1])
                     jobs.append(_Job(row, row["_id"], messages, base, model, self.samples))
                     keys += [call_key(base, i) for i in samples]
                 found = self.r.cache.lookup(keys)
@@ -716,8 +718,8 @@ class _PromptExecution:
             try:
                 job, samples, attempt = item
                 keys = [call_key(job.base, i, attempt) for i in samples]
-                request = Request(job.messages, self.params, n=len(samples), schema=self.parser.schema,
-                                  model=model)
+                request = Request(job.messages, self.request_params(samples[0], attempt), n=len(samples),
+                                  schema=self.parser.schema, model=model, choices=self.model_identity(model)[1])
                 begun = time.monotonic()
                 try:
                     completion = await self.call(backend, self.r.limiter(model), request)
@@ -748,6 +750,21 @@ class _PromptExecution:
                 self.r.progress.advance(self.stats)
             finally:
                 q.task_done()
+
+    def model_identity(self, model: str) -> tuple[str, list[str] | None]:
+        """The backend's identity, and the choices it decodes under. Only a backend that constrains
+        decoding to a choice stage's options (vLLM) gets them, and only then do they enter the cache
+        key: elsewhere, editing a parser must not cost a call."""
+        backend = self.r.backend(model)
+        return backend.identity, self.parser.choices if getattr(backend, "constrains_choices", False) else None
+
+    def request_params(self, first_sample: int, attempt: int) -> dict[str, Any]:
+        """With a seed, samples 4-7 asked later must not repeat samples 0-3, and a re-ask must not
+        repeat the answer that failed to parse: offset the seed by the first sample and the attempt."""
+        seed = self.params.get("seed")
+        if seed is None or (first_sample == 0 and attempt == 0):
+            return self.params
+        return {**self.params, "seed": seed + first_sample + 1000 * attempt}
 
     async def call(self, backend: Backend, limiter: Limiter, request: Request) -> Completion:
         estimate = 0.0

@@ -46,6 +46,7 @@ class ModelSpec(_Strict):
     delay: float | None = Field(None, ge=0, description="scripted: seconds each call takes")
     factory: str | None = Field(None, description="langchain: module:attr returning a BaseChatModel")
     engine_args: dict[str, Any] | None = Field(None, description="vllm: keyword arguments of vllm.LLM")
+    chunk_size: int | None = Field(None, ge=1, description="vllm: requests per LLM.chat call")
     rpm: float | None = Field(None, gt=0, description="requests per minute budget")
     tpm: float | None = Field(None, gt=0, description="tokens per minute budget")
     price_input: float | None = Field(None, ge=0, description="USD per million prompt tokens")

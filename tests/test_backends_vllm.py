@@ -17,7 +17,6 @@ import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -36,13 +35,6 @@ T = TypeVar("T")
 STANDIN = Path(__file__).resolve().parent / "vllm_standin"
 MODEL = "some-org/some-model"
 SCHEMA = {"type": "object", "properties": {"reason": {"type": "string", "maxLength": 40}}, "required": ["reason"]}
-
-
-@dataclass(slots=True)
-class ChoiceRequest(Request):
-    """The contract change this backend proposes: a choice stage's options on the Request."""
-
-    choices: list[str] | None = None
 
 
 def _forget_vllm() -> None:
@@ -188,7 +180,7 @@ def test_structured_outputs_in_extra_body(standin: ModuleType) -> None:
 
 
 def test_choices_constrain_decoding_when_the_request_carries_them(standin: ModuleType) -> None:
-    request = ChoiceRequest([{"role": "user", "content": "sentiment?"}], choices=["positive", "negative"])
+    request = Request([{"role": "user", "content": "sentiment?"}], choices=["positive", "negative"])
     (completion,) = complete_all(VLLMBackend(MODEL), [request])
     (sp,) = chat_calls(standin)[0].sampling_params
     assert sp.structured_outputs == standin.StructuredOutputsParams(choice=["positive", "negative"])
@@ -420,3 +412,29 @@ def test_a_pipeline_through_the_cli_runs_batched_and_caches(standin: ModuleType,
         assert accuracy == 1.0
     finally:
         con.close()
+
+
+def test_choice_stage_options_reach_vllm_as_structured_choice(standin: ModuleType, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner passes a choice stage's options to a backend that constrains decoding (and only to it)."""
+    from retort.cache import Cache
+    from retort.runner import Runner
+    from retort.spec import load_pipeline
+    from retort.workspace import Workspace
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rows.jsonl").write_text('{"text": "good"}\n{"text": "bad"}\n')
+    (tmp_path / "p.yaml").write_text(
+        "input: {path: data/rows.jsonl}\nmodels:\n  default: {backend: vllm, model: tiny}\n"
+        "stages:\n  - {name: c, template: 'Sentiment of {{ text }}?', parse: {choice: [positive, negative]}}\n")
+    monkeypatch.setenv("RETORT_ALLOWED_BACKENDS", "vllm")
+    ws = Workspace(tmp_path)
+    spec, source = load_pipeline(tmp_path / "p.yaml")
+    cache = Cache(ws.db_path)
+    try:
+        asyncio.run(Runner(ws, spec, source, cache).execute())
+    finally:
+        cache.close()
+    params = [p for call in chat_calls(standin) for p in call.sampling_params]
+    assert len(params) == 2
+    assert all(p.structured_outputs.choice == ["positive", "negative"] for p in params)

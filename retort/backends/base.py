@@ -18,6 +18,7 @@ class Request:
     n: int = 1
     schema: dict[str, Any] | None = None  # JSON Schema for structured output, when the stage parses JSON
     model: str = ""  # the pipeline's name for the model (informational; identity is the backend's)
+    choices: list[str] | None = None  # a choice stage's options, for backends that can constrain decoding
 
 
 @dataclass(slots=True)

@@ -147,6 +147,8 @@ class _Prompt:
 
 
 class VLLMBackend:
+    constrains_choices = True  # the runner passes a choice stage's options (and keys calls on them)
+
     def __init__(self, model: str, *, engine_args: dict[str, Any] | None = None, identity: str | None = None,
                  max_concurrency: int | None = None, chunk_size: int | None = None,
                  window: float | None = None) -> None:
