@@ -233,8 +233,9 @@ def _loads(s: str) -> Any:
     try:
         return orjson.loads(s)
     except orjson.JSONDecodeError:
-        try:  # orjson refuses what stdlib accepts: integers past 64 bits, NaN
-            return json.loads(s)
+        try:  # orjson refuses what stdlib accepts: integers past 64 bits, NaN, and (strict=False)
+            # raw newlines inside strings, which grammar-constrained llama.cpp output can contain
+            return json.loads(s, strict=False)
         except ValueError:
             return _MISSING
 

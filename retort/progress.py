@@ -71,7 +71,8 @@ def print_summary(result: RunResult) -> None:
                 "parse errors", "tokens", "seconds"):
         table.add_column(col, justify="left" if col in ("stage", "kind") else "right")
     for s in result.stages:
-        table.add_row(s.name, s.kind, str(s.rows_in), str(s.rows_out), str(s.calls_needed), str(s.cache_hits),
+        table.add_row(s.name, s.kind, str(s.rows_in) if s.kind in ("prompt", "embed", "python") else "",
+                      str(s.rows_out), str(s.calls_needed), str(s.cache_hits),
                       str(s.calls_made), str(s.failures) + (" (crashed)" if s.error else ""), str(s.parse_errors),
                       f"{s.prompt_tokens + s.completion_tokens:,}", f"{s.seconds:.2f}")
     console.print(table)
@@ -82,6 +83,10 @@ def print_summary(result: RunResult) -> None:
                   f"wall {result.seconds:.1f}s")
     console.print(f"results: {result.db_path} (schema run_{result.run_id}; latest tables as views in main)\n"
                   f"  retort show {result.stages[-1].name}    retort export {result.stages[-1].name} --format jsonl")
+    for s in result.stages:
+        if s.metrics:
+            shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.metrics.items())
+            console.print(f"[bold]{s.name}[/bold]: {shown}")
     for s in result.stages:
         if s.error:
             print(f"stage {s.name} failed: {s.error}", file=sys.stderr)

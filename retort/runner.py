@@ -65,6 +65,7 @@ class StageStats:
     est_prompt_tokens: int = 0  # plan: tokens the missing calls will send
     seconds: float = 0.0
     error: str | None = None
+    metrics: dict[str, float] | None = None  # what a Python stage returned as a dict (also in `metrics`)
 
     completed: int = 0  # samples whose row slot is settled (hit, call, shared in-flight call, or failure)
 
@@ -257,6 +258,8 @@ class Runner:
         try:
             await self.preflight()
             self._load_input()
+            # Bare table names in SQL stages and where: filters mean this run's tables, then the records.
+            self.cache.con.execute(f"SET search_path = '{self.schema},main'")
             ticker = asyncio.create_task(self._tick())
             try:
                 for stage in self.spec.stages:
@@ -282,6 +285,7 @@ class Runner:
                 else "error"
             raise
         finally:
+            self.cache.con.execute("SET search_path = 'main'")
             result.seconds = time.monotonic() - started
             for backend in self._backends.values():
                 await backend.aclose()
@@ -522,7 +526,6 @@ class Runner:
         con = self.cache.con
         self.cache.flush()
         self.progress.stage_started(stats, None)
-        con.execute(f"SET search_path = '{self.schema},main'")
         try:
             sql = render_sql(stage.sql, self.spec.params)
         except TemplateError as exc:
@@ -534,8 +537,6 @@ class Runner:
             con.execute(f"{create(self.table(stage.name))} AS {body}")
         except duckdb.Error as exc:
             raise self._stage_error(stage, "sql", _first_line(exc)) from None
-        finally:
-            con.execute("SET search_path = 'main'")
         stats.rows_out = int(con.execute(f"SELECT count(*) FROM {self.table(stage.name)}").fetchall()[0][0])  # type: ignore[index]
 
     async def _python_stage(self, stage: PythonStage, stats: StageStats) -> None:
@@ -558,7 +559,7 @@ class Runner:
         except Exception as exc:  # a crashing evaluator is a failure row, not an abort
             raise RetortError(f"evaluator {stage.python} failed: {type(exc).__name__}: {exc}") from None
         if isinstance(out, dict):
-            self._record_metrics(stage, out)
+            self._record_metrics(stage, stats, out)
             out = [out]
         table = out if isinstance(out, pa.Table) else pa.Table.from_pylist(list(out or []))
         if table.num_columns == 0:
@@ -566,7 +567,9 @@ class Runner:
         self.cache.write_table(self.table(stage.name), table)
         stats.rows_out = table.num_rows
 
-    def _record_metrics(self, stage: PythonStage, values: dict[str, Any]) -> None:
+    def _record_metrics(self, stage: PythonStage, stats: StageStats, values: dict[str, Any]) -> None:
+        stats.metrics = {k: v for k, v in values.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if self.run_id is None:
             return
         import orjson

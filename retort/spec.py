@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from retort.errors import SpecError
 
 IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
+RESERVED = frozenset({"calls", "runs", "failures", "metrics", "embeddings", "compare_items"})  # tables in main
 
 
 class _Strict(BaseModel):
@@ -318,6 +319,9 @@ def validate(data: dict[str, Any], src: Source) -> Pipeline:
         raise SpecError(message, file=src.file, line=src.line(loc), field=label or None) from None
     names = [s.name for s in pipeline.stages]
     for i, name in enumerate(names):
+        if name in RESERVED:
+            raise src.error(f"stage name {name!r} is taken by retort's own table of that name; choose another",
+                            ("stages", i, "name"))
         if name in names[:i] or name == "input":
             raise src.error(f"stage name {name!r} is used twice (`input` is the dataset)", ("stages", i, "name"))
     return pipeline

@@ -107,7 +107,7 @@ def test_gate_and_rationalization_build_the_dataset(workspace: Path) -> None:
 
 def test_rationalization_can_be_turned_off(workspace: Path) -> None:
     ws = _workspace(workspace)
-    result = _run(ws, "--map", "rationalize=false")
+    result = _run(ws, "--set", "params.rationalize=false")
     assert _counts(result) == {"teach": 5, "retry": 0, "rationalize": 0, "teacher_scores": 1, "dataset": 2}
     assert result["calls_made"] == 5
     assert _rows(ws, "SELECT _parent, rationalized FROM main.dataset") == [("0", False), ("3", False)]

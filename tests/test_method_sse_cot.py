@@ -151,10 +151,10 @@ def test_baselines_score_the_same_rows(workspace: Path, pipeline: str) -> None:
 
 
 def test_label_set_is_overridden_for_a_news_dataset(workspace: Path) -> None:
-    """The built-in multi-class sample, with the choice list and params.labels overridden together."""
+    """The built-in multi-class sample: one --set of params.labels changes the prompts and the choice parser."""
     ws = _workspace(workspace)
     result = _run(ws, "sse_cot", "--input", "data/news_sample.jsonl", "--map", "text=title", "--limit", "7",
-                  "--set", f"params.labels={NEWS_LABELS}", "--set", f"stages.classify.parse.choice={NEWS_LABELS}",
+                  "--set", f"params.labels={NEWS_LABELS}",
                   "--set", "params.task=the topic of a news headline", "--model", "*=scripted:sse_replies:news")
     assert _counts(result)["classify"] == 7
     rows = _rows(ws, "SELECT prediction, label, text = title FROM main.classify")
@@ -196,8 +196,7 @@ def test_real_datasets_load(workspace: Path) -> None:
     result = _run(ws, "sse_cot", "--input", str(SHARED / "sst2_test.jsonl"), "--limit", "2", "--model", echo)
     assert _counts(result)["classify"] == 2
     result = _run(ws, "sse_cot", "--input", str(SHARED / "tagmynews_sample.jsonl"), "--map", "text=title",
-                  "--limit", "2", "--set", f"params.labels={NEWS_LABELS}",
-                  "--set", f"stages.classify.parse.choice={NEWS_LABELS}", "--model", echo)
+                  "--limit", "2", "--set", f"params.labels={NEWS_LABELS}", "--model", echo)
     assert _counts(result)["classify"] == 2
     for name in ("trec_test", "snippets_test", "mr_test"):
         proc = run_cli("validate", "direct", "--input", str(SHARED / f"{name}.jsonl"), "--model", echo, cwd=ws)

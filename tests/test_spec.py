@@ -88,3 +88,8 @@ def test_stage_values_follow_params(tmp_path: Path) -> None:
     stage = spec.stages[0]
     assert isinstance(stage, PromptStage)
     assert stage.samples == 5 and stage.parse == {"choice": ["good", "bad"]}
+
+
+def test_stage_names_of_retorts_own_tables_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"p.yaml:13 stages\[1\].name: stage name 'metrics' is taken"):
+        load_pipeline(write(tmp_path, GOOD.replace("name: keep", "name: metrics")))
