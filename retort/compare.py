@@ -47,11 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from retort.errors import BackendError, NotFoundError, SpecError, UserError
-from retort.spec import IDENT, InputSpec, Pipeline, Source, _dotted, _interpolate, _message, _real_loc, _record
+from retort.spec import IDENT, InputSpec, Pipeline, Source, read_yaml, validation_error
 from retort.stats import Comparison, Interval, PairResult, StrategyResult, _interval, compare_strategies
 
 __all__ = ["ComparisonSpec", "add_parser", "bootstrap_statistic", "choice_match", "cmd_compare", "json_schema",
@@ -131,40 +130,14 @@ def json_schema() -> dict[str, Any]:
     return schema
 
 
-def _read_yaml(path: Path) -> tuple[dict[str, Any], Source]:
-    """The same reading as `retort.spec.load_pipeline`: lines recorded, `${VAR:-default}` expanded."""
-    src = Source(str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(f"cannot read: {exc.strerror}", file=str(path)) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise SpecError(f"malformed YAML: {getattr(exc, 'problem', None) or exc}", file=str(path),
-                        line=mark.line + 1 if mark else None) from None
-    if not isinstance(data, dict):
-        raise SpecError("expected a mapping with `dataset`, `reference` and `strategies`", file=str(path), line=1)
-    _record(node, (), src)
-    return _interpolate(data, (), src), src
-
-
 def load_comparison(path: Path | str) -> tuple[ComparisonSpec, Source]:
     path = Path(path)
-    data, src = _read_yaml(path)
+    data, src = read_yaml(path, "a mapping with `dataset`, `reference` and `strategies`")
     data.setdefault("name", path.stem)
     try:
         spec = ComparisonSpec.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = _real_loc(tuple(err["loc"]), data)
-        message = _message(err)
-        more = len(exc.errors()) - 1
-        if more:
-            message += f" (and {more} more error{'s' * (more > 1)})"
-        raise SpecError(message, file=src.file, line=src.line(loc), field=_dotted(loc) or None) from None
+        raise validation_error(exc, data, src) from None
     for name, strategy in spec.strategies.items():
         if not re.match(STRATEGY_NAME, name):
             raise src.error(f"strategy name {name!r}: use letters, digits and _ . + -", ("strategies", name))

@@ -365,6 +365,23 @@ class Runner:
                               "(an earlier stage failed)")
         return self.table(name)
 
+    def _read_rows(self, stage: PromptStage | EmbedStage, source: str, columns: list[str]) -> pa.Table:
+        """The rows a model stage works on: its `from` table without the rows an upstream parse failed
+        (a plan keeps its placeholders), filtered by its `where:` (a template over params)."""
+        filters = []
+        if "_error" in columns:
+            filters.append(f"(_error IS NULL OR _error = '{NOT_CACHED}')" if self.dry else "_error IS NULL")
+        if stage.where:
+            try:
+                filters.append(f"({render_sql(stage.where, self.spec.params)})")
+            except TemplateError as exc:
+                raise self._stage_error(stage, "where", str(exc)) from None
+        query = f"SELECT * FROM {source}" + (f" WHERE {' AND '.join(filters)}" if filters else "")
+        try:
+            return self.cache.con.sql(query).to_arrow_table()
+        except duckdb.Error as exc:
+            raise self._stage_error(stage, "where", _first_line(exc)) from None
+
     # ------------------------------------------------------------ prompt stages
 
     def _template(self, stage: PromptStage) -> Template:
@@ -402,19 +419,7 @@ class Runner:
             self.backend(stage.model)  # an unknown model fails here, before any row
         elif stage.model.column not in columns:
             raise self._stage_error(stage, "model", f"column {stage.model.column!r} is not in {stage.from_}")
-        filters = []
-        if "_error" in columns:
-            filters.append(f"(_error IS NULL OR _error = '{NOT_CACHED}')" if self.dry else "_error IS NULL")
-        if stage.where:
-            try:
-                filters.append(f"({render_sql(stage.where, self.spec.params)})")
-            except TemplateError as exc:
-                raise self._stage_error(stage, "where", str(exc)) from None
-        query = f"SELECT * FROM {source}" + (f" WHERE {' AND '.join(filters)}" if filters else "")
-        try:
-            data = self.cache.con.sql(query).to_arrow_table()
-        except duckdb.Error as exc:
-            raise self._stage_error(stage, "where", _first_line(exc)) from None
+        data = self._read_rows(stage, source, columns)
         stats.rows_in = data.num_rows
         total = data.num_rows * stage.samples
         self.progress.stage_started(stats, total)
@@ -446,17 +451,7 @@ class Runner:
         backend = self.backend(stage.model)
         if not hasattr(backend, "embed"):
             raise self._stage_error(stage, "model", f"model {stage.model!r} ({backend.identity}) has no embeddings")
-        filters = ["_error IS NULL"] if "_error" in columns and not self.dry else []
-        if stage.where:
-            try:
-                filters.append(f"({render_sql(stage.where, self.spec.params)})")
-            except TemplateError as exc:
-                raise self._stage_error(stage, "where", str(exc)) from None
-        query = f"SELECT * FROM {source}" + (f" WHERE {' AND '.join(filters)}" if filters else "")
-        try:
-            data = self.cache.con.sql(query).to_arrow_table()
-        except duckdb.Error as exc:
-            raise self._stage_error(stage, "where", _first_line(exc)) from None
+        data = self._read_rows(stage, source, columns)
         stats.rows_in = stats.calls_needed = data.num_rows
         self.progress.stage_started(stats, data.num_rows)
         out_table = self.table(stage.name)

@@ -243,8 +243,8 @@ def apply_override(data: dict[str, Any], keys: list[str], value: Any, src: Sourc
             raise SpecError(f"--set {'.'.join(keys)}: {'.'.join(keys[:i])} is not a mapping", file=src.file)
 
 
-def load_pipeline(path: Path | str, overrides: list[str] = ()) -> tuple[Pipeline, Source]:  # type: ignore[assignment]
-    path = Path(path)
+def read_yaml(path: Path, expected: str = "a mapping with `input` and `stages`") -> tuple[dict[str, Any], Source]:
+    """A user's YAML file as data, with every value's line recorded and `${VAR:-default}` expanded."""
     src = Source(str(path))
     try:
         text = path.read_text(encoding="utf-8")
@@ -262,9 +262,14 @@ def load_pipeline(path: Path | str, overrides: list[str] = ()) -> tuple[Pipeline
         raise SpecError(f"malformed YAML: {problem}", file=str(path),
                         line=mark.line + 1 if mark else None) from None
     if not isinstance(data, dict):
-        raise SpecError("expected a mapping with `input` and `stages`", file=str(path), line=1)
+        raise SpecError(f"expected {expected}", file=str(path), line=1)
     _record(node, (), src)
-    data = _interpolate(data, (), src)
+    return _interpolate(data, (), src), src
+
+
+def load_pipeline(path: Path | str, overrides: list[str] = ()) -> tuple[Pipeline, Source]:  # type: ignore[assignment]
+    path = Path(path)
+    data, src = read_yaml(path)
     for override in overrides:
         keys, value = parse_override(override)
         apply_override(data, keys, value, src)
@@ -305,18 +310,7 @@ def validate(data: dict[str, Any], src: Source) -> Pipeline:
     try:
         pipeline = Pipeline.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = _real_loc(tuple(err["loc"]), data)
-        label = _dotted(loc)
-        if len(loc) >= 2 and loc[0] == "stages" and isinstance(loc[1], int):
-            stages = data.get("stages") or []
-            if loc[1] < len(stages) and isinstance(stages[loc[1]], dict) and stages[loc[1]].get("name"):
-                label = label.replace(f"stages[{loc[1]}]", f"stages[{loc[1]}] ({stages[loc[1]]['name']})", 1)
-        message = _message(err)
-        more = len(exc.errors()) - 1
-        if more:
-            message += f" (and {more} more error{'s' * (more > 1)})"
-        raise SpecError(message, file=src.file, line=src.line(loc), field=label or None) from None
+        raise validation_error(exc, data, src) from None
     names = [s.name for s in pipeline.stages]
     for i, name in enumerate(names):
         if name in RESERVED:
@@ -325,6 +319,22 @@ def validate(data: dict[str, Any], src: Source) -> Pipeline:
         if name in names[:i] or name == "input":
             raise src.error(f"stage name {name!r} is used twice (`input` is the dataset)", ("stages", i, "name"))
     return pipeline
+
+
+def validation_error(exc: ValidationError, data: dict[str, Any], src: Source) -> SpecError:
+    """Pydantic's first error as one SpecError: file, line, field path (stages by name too), what was expected."""
+    err = exc.errors()[0]
+    loc = _real_loc(tuple(err["loc"]), data)
+    label = _dotted(loc)
+    if len(loc) >= 2 and loc[0] == "stages" and isinstance(loc[1], int):
+        stages = data.get("stages") or []
+        if loc[1] < len(stages) and isinstance(stages[loc[1]], dict) and stages[loc[1]].get("name"):
+            label = label.replace(f"stages[{loc[1]}]", f"stages[{loc[1]}] ({stages[loc[1]]['name']})", 1)
+    message = _message(err)
+    more = len(exc.errors()) - 1
+    if more:
+        message += f" (and {more} more error{'s' * (more > 1)})"
+    return SpecError(message, file=src.file, line=src.line(loc), field=label or None)
 
 
 def _real_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:

@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from retort.errors import SpecError
+
+# Keys of a model entry that the runner reads (routing, rate limits, prices), never a backend.
+RUNNER_KEYS = frozenset({"backend", "name", "rpm", "tpm", "price_input", "price_output"})
+
 
 @dataclass(slots=True)
 class Request:
@@ -40,3 +45,15 @@ class Backend(Protocol):
         """Fail fast before a run (an unreachable endpoint raises EndpointUnreachable)."""
 
     async def aclose(self) -> None: ...
+
+
+def backend_options(config: dict[str, Any], kind: str, allowed: frozenset[str],
+                    hints: dict[str, str] | None = None) -> dict[str, Any]:
+    """A model entry's keys for backend `kind` (None counts as absent); a key it does not take is a SpecError."""
+    given = {k: v for k, v in config.items() if v is not None and k not in RUNNER_KEYS}
+    unknown = sorted(given.keys() - allowed)
+    if unknown:
+        hint = (hints or {}).get(unknown[0], "")
+        raise SpecError(f"{unknown[0]!r} does not apply to backend {kind!r}{hint}; expected one of "
+                        f"{', '.join(sorted(allowed - {'workspace'}))}", field=unknown[0])
+    return given

@@ -56,7 +56,7 @@ from langchain_core.outputs import LLMResult
 from langchain_core.runnables import Runnable
 from pydantic import BaseModel, SecretBytes, SecretStr
 
-from retort.backends.base import Completion, Request
+from retort.backends.base import Completion, Request, backend_options
 from retort.errors import BackendError, NotFoundError, SpecError, UserError
 from retort.workspace import Workspace, import_object
 
@@ -64,8 +64,6 @@ Factory = str | BaseChatModel | Callable[..., BaseChatModel]
 
 _CONFIG_KEYS = frozenset({"factory", "model", "identity", "max_concurrency", "structured_output", "extra_body",
                           "workspace"})
-# Read by the caller (routing) or the runner (rate limits, prices), not by the backend.
-_NOT_OURS = frozenset({"backend", "name", "rpm", "tpm", "price_input", "price_output"})
 
 # A request parameter → the model fields that carry it, first match wins.
 _FIELDS: dict[str, tuple[str, ...]] = {
@@ -422,11 +420,7 @@ def _secret_values(chat: BaseChatModel) -> set[str]:
 
 def from_config(config: dict[str, Any]) -> LangChainBackend:
     """Build from a YAML model entry (or a `model_targets` entry, whose factory may be a model object)."""
-    given = {k: v for k, v in config.items() if v is not None and k not in _NOT_OURS}
-    unknown = sorted(given.keys() - _CONFIG_KEYS)
-    if unknown:
-        raise SpecError(f"{unknown[0]!r} does not apply to backend 'langchain' (expected one of "
-                        f"{', '.join(sorted(_CONFIG_KEYS - {'workspace'}))})", field=unknown[0])
+    given = backend_options(config, "langchain", _CONFIG_KEYS)
     if "factory" not in given:
         raise SpecError("backend 'langchain' needs `factory`, a module:attr naming a chat model or a function "
                         "returning one", field="factory")

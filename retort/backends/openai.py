@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import aiohttp
 import orjson
 
-from retort.backends.base import Completion, Request
+from retort.backends.base import Completion, Request, backend_options
 from retort.errors import BackendError, EndpointUnreachable, SpecError, UserError
 
 if TYPE_CHECKING:
@@ -50,8 +50,6 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 _CONFIG_KEYS = frozenset({"model", "base_url", "api_key_env", "max_concurrency", "timeout", "extra_body",
                           "identity", "transport", "structured_output"})
-# Read by the caller (routing) or the runner (rate limits, prices), not by the backend.
-_NOT_OURS = frozenset({"backend", "name", "rpm", "tpm", "price_input", "price_output"})
 
 
 def retryable_status(status: int) -> bool:
@@ -413,11 +411,7 @@ def _merge(parts: list[Completion]) -> Completion:
 
 def from_config(config: dict[str, Any]) -> OpenAIBackend:
     """Build from a YAML model entry. Keys set to None count as absent."""
-    given = {k: v for k, v in config.items() if v is not None and k not in _NOT_OURS}
-    unknown = sorted(given.keys() - _CONFIG_KEYS)
-    if unknown:
-        raise SpecError(f"{unknown[0]!r} does not apply to backend 'openai' (expected one of "
-                        f"{', '.join(sorted(_CONFIG_KEYS))})", field=unknown[0])
+    given = backend_options(config, "openai", _CONFIG_KEYS)
     if "model" not in given:
         raise SpecError("backend 'openai' needs `model`, the served model name", field="model")
     return OpenAIBackend(**given)

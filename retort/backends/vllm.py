@@ -85,7 +85,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from retort.backends.base import Completion, Request
+from retort.backends.base import Completion, Request, backend_options
 from retort.errors import BackendError, RetortError, SpecError, UserError
 
 if TYPE_CHECKING:
@@ -101,8 +101,6 @@ WINDOW = 0.02  # seconds the batcher waits for more requests after the first of 
 GREEDY = 1e-5  # vLLM's _SAMPLING_EPS: a lower temperature samples greedily, and n > 1 is refused
 
 _CONFIG_KEYS = frozenset({"model", "engine_args", "identity", "max_concurrency", "chunk_size"})
-# Read by the caller (routing) or the runner (rate limits, prices), not by the backend.
-_NOT_OURS = frozenset({"backend", "name", "rpm", "tpm", "price_input", "price_output"})
 # What `vllm serve` takes from the model's generation config by default (ModelConfig.get_diff_sampling_param).
 _MODEL_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty")
@@ -388,11 +386,7 @@ class VLLMBackend:
 
 def from_config(config: dict[str, Any]) -> VLLMBackend:
     """Build from a YAML model entry (keys: model, engine_args, identity, max_concurrency, chunk_size)."""
-    given = {k: v for k, v in config.items() if v is not None and k not in _NOT_OURS}
-    unknown = sorted(given.keys() - _CONFIG_KEYS)
-    if unknown:
-        raise SpecError(f"{unknown[0]!r} does not apply to backend 'vllm' (expected one of "
-                        f"{', '.join(sorted(_CONFIG_KEYS))})", field=unknown[0])
+    given = backend_options(config, "vllm", _CONFIG_KEYS)
     if not given.get("model"):
         raise SpecError("backend 'vllm' needs `model`, a Hugging Face model id or a local path", field="model")
     engine_args = given.get("engine_args", {})
