@@ -18,6 +18,7 @@ so a process killed with SIGKILL loses at most the last second of calls.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -89,8 +90,9 @@ class Cache:
         except duckdb.IOException as exc:
             text = str(exc)
             if "lock" in text.lower():
-                holder = text.split("Conflicting lock is held in", 1)[-1].split("See also")[0].strip()
-                raise CacheError(f"{self.path} is in use by another process ({holder}); wait for it to finish, "
+                pid = re.search(r"PID (\d+)", text)
+                holder = f" (PID {pid.group(1)})" if pid else ""
+                raise CacheError(f"{self.path} is in use by another process{holder}; wait for it to finish, "
                                  "or use another workspace or --db") from None
             raise CacheError(f"cannot open {self.path}: {text}") from None
         except duckdb.Error as exc:
