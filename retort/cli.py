@@ -108,7 +108,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from retort.spec import load_pipeline
@@ -120,11 +119,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name, path in ws.pipelines().items():
         try:
             spec, _ = load_pipeline(path)
-            table.add_row(name, str(len(spec.stages)), (spec.description or "").strip().split("\n")[0],
+            description = " ".join((spec.description or "").split())
+            table.add_row(name, str(len(spec.stages)), description.split(": ")[0].split(". ")[0][:90],
                           _short(path))
         except RetortError as exc:
             table.add_row(name, "?", f"[red]invalid: {exc}[/red]", _short(path))
-    console = Console()
+    console = _console()
     console.print(table)
     db = _db_path(args)
     if db.exists():
@@ -180,7 +180,6 @@ def _relation(cache: Any, stage: str, run: int | None) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     cache = _open_read(args)
@@ -197,13 +196,30 @@ def cmd_show(args: argparse.Namespace) -> int:
         keep = [i for i, c in enumerate(columns) if c not in ("_call", "messages", "params")]
         columns = [columns[i] for i in keep]
         rows = [tuple(r[i] for i in keep) for r in rows]
+    if args.columns:
+        wanted = [c.strip() for c in args.columns.split(",")]
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            raise UserError(f"{rel} has no column {missing[0]!r} (columns: {', '.join(columns)})")
+        keep = [columns.index(c) for c in wanted]
+        columns = wanted
+        rows = [tuple(r[i] for i in keep) for r in rows]
     table = Table(title=f"{rel} ({total} rows)", title_justify="left", show_lines=False)
     for c in columns:
-        table.add_column(c, overflow="fold", max_width=args.width)
+        table.add_column(c, overflow="ellipsis", no_wrap=True, max_width=args.width)
     for r in rows:
         table.add_row(*("" if v is None else _cell(v, args.width) for v in r))
-    Console().print(table)
+    _console().print(table)
     return 0
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log: wide enough for tables not to fold
+        console.width = max(console.width, 160)
+    return console
 
 
 def _cell(value: Any, width: int) -> str:
@@ -306,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=int, help="an earlier run's table")
     p.add_argument("-n", "--limit", type=int, default=10)
     p.add_argument("--where", help="a SQL filter")
-    p.add_argument("--width", type=int, default=40)
+    p.add_argument("--width", type=int, default=40, help="characters shown per cell")
+    p.add_argument("--columns", help="comma-separated columns to show")
     p.add_argument("--all-columns", action="store_true")
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("export", help="write a stage table as a dataset file, with a manifest")
