@@ -124,7 +124,7 @@ async def call_with_retries(fn: Callable[[], Awaitable[T]], limiter: Limiter, ma
     The first try runs outside tenacity (the hot path); a retryable failure (429, 5xx,
     timeout, connection) is retried with exponential backoff and jitter, never sooner
     than Retry-After. Every try passes the limiter: a 429 halves the model's
-    concurrency, Retry-After pauses it, and token budgets settle on real usage.
+    concurrency and token budgets settle on real usage.
     """
 
     async def attempt() -> T:
@@ -132,13 +132,12 @@ async def call_with_retries(fn: Callable[[], Awaitable[T]], limiter: Limiter, ma
         try:
             result = await fn()
         except BackendError as exc:
-            await limiter.release(ok=False, throttled=exc.status == 429, retry_after=exc.retry_after,
-                                  estimated=estimate, used=estimate)
+            limiter.release(ok=False, throttled=exc.status == 429, estimated=estimate, used=estimate)
             raise
         except BaseException:
-            await limiter.release(ok=False, estimated=estimate, used=estimate)
+            limiter.release(ok=False, estimated=estimate, used=estimate)
             raise
-        await limiter.release(ok=True, estimated=estimate, used=tokens(result))
+        limiter.release(ok=True, estimated=estimate, used=tokens(result))
         return result
 
     try:

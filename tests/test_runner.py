@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,11 +160,13 @@ def test_retryable_errors_are_retried_with_backoff(workspace: Path) -> None:
     def overloaded(request: Request) -> str:
         attempts["n"] += 1
         if attempts["n"] <= 2:
-            raise BackendError("slow down", status=429, retryable=True, retry_after=0.01)
+            raise BackendError("slow down", status=429, retryable=True, retry_after=0.3)
         return "ok"
 
     path = make(workspace, "  - {name: ask, template: 'Tell me about {{ text }}'}\n", ROWS[:1])
+    begun = time.monotonic()
     result = run(workspace, path, ScriptedBackend(function=overloaded))
+    assert time.monotonic() - begun >= 0.6  # each of the two retries waited out Retry-After
     assert attempts["n"] == 3 and result.failures == 0
     assert query(workspace, "SELECT ask FROM main.ask") == [("ok",)]
 
