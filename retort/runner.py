@@ -204,9 +204,9 @@ class Runner:
             spec = ModelSpec()
         config = spec.model_dump(exclude_none=True)
         if target:
-            if target.get("backend") != config.get("backend"):  # a new backend: keep only portable keys
-                config = {k: v for k, v in config.items() if k in ("model", "max_concurrency", "identity")}
-                config.pop("identity", None)
+            if target.get("backend") != config.get("backend"):  # another backend: only the served name carries
+                keep = ("model",) if target.get("backend") in ("openai", "vllm") else ()
+                config = {k: v for k, v in config.items() if k in keep}
             config.update(target)
         config.setdefault("backend", "local")
         config["name"] = name

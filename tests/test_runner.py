@@ -223,3 +223,23 @@ def test_api_key_never_lands_in_the_database(workspace: Path, monkeypatch: pytes
         cache.close()
     assert secret.encode() not in (workspace / ".retort" / "retort.duckdb").read_bytes()
     assert secret not in json.dumps(query(workspace, "SELECT * FROM runs"), default=str)
+
+
+def test_a_model_pointed_at_another_backend_keeps_only_its_served_name(workspace: Path) -> None:
+    path = make(workspace, "  - {name: ask, template: 'Q {{ text }}', model: teacher}\n")
+    path.write_text(path.read_text().replace(
+        "stages:", "models:\n  teacher: {backend: openai, model: gpt-4o-mini, max_concurrency: 64, "
+                   "api_key_env: NOT_SET_ANYWHERE}\nstages:"))
+    spec, source = load_pipeline(path)
+    ws = Workspace(workspace)
+    cache = Cache(":memory:")
+    try:
+        to_local = Runner(ws, spec, source, cache, model_targets={"teacher": {"backend": "local"}})
+        assert to_local.model_config("teacher") == {"backend": "local", "name": "teacher"}
+        to_server = Runner(ws, spec, source, cache,
+                           model_targets={"*": {"backend": "openai", "base_url": "http://127.0.0.1:8000/v1"}})
+        assert to_server.model_config("teacher") == {
+            "backend": "openai", "model": "gpt-4o-mini", "max_concurrency": 64, "api_key_env": "NOT_SET_ANYWHERE",
+            "base_url": "http://127.0.0.1:8000/v1", "name": "teacher"}
+    finally:
+        cache.close()
