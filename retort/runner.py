@@ -207,6 +207,8 @@ class Runner:
             if target.get("backend") != config.get("backend"):  # another backend: only the served name carries
                 keep = ("model",) if target.get("backend") in ("openai", "vllm") else ()
                 config = {k: v for k, v in config.items() if k in keep}
+            elif "base_url" in target:  # another endpoint: the spec's key is not sent to it
+                config.pop("api_key_env", None)
             config.update(target)
         config.setdefault("backend", "local")
         config["name"] = name

@@ -239,7 +239,7 @@ def test_a_model_pointed_at_another_backend_keeps_only_its_served_name(workspace
         to_server = Runner(ws, spec, source, cache,
                            model_targets={"*": {"backend": "openai", "base_url": "http://127.0.0.1:8000/v1"}})
         assert to_server.model_config("teacher") == {
-            "backend": "openai", "model": "gpt-4o-mini", "max_concurrency": 64, "api_key_env": "NOT_SET_ANYWHERE",
+            "backend": "openai", "model": "gpt-4o-mini", "max_concurrency": 64,  # no key sent to another endpoint
             "base_url": "http://127.0.0.1:8000/v1", "name": "teacher"}
     finally:
         cache.close()
