@@ -1,0 +1,82 @@
+"""The one-stage job in Bespoke Labs Curator; run with the curator venv's python by bench/bench_peers.py.
+
+    python curator_peer.py --url http://127.0.0.1:PORT/v1 --n 10000 --concurrency 64 --cache-dir DIR
+
+Prompts "What is {i} plus {i}?" for i in 0..n-1 through `curator.LLM` (backend openai,
+base_url = the stub, a dummy key), the cache in DIR (CURATOR_CACHE_DIR), and prints one JSON
+line: what ran, the time of the LLM call alone (imports and dataset building excluded), and
+the checks on the output. Run twice with the same DIR: the second run is the cached rerun.
+
+The environment (set by bench_peers.py, repeated here so the script is safe on its own) keeps
+it offline: telemetry off, litellm's local cost map, Hugging Face offline, and tiktoken's
+cl100k_base read from TIKTOKEN_CACHE_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+OFFLINE_ENV = {
+    "TELEMETRY_ENABLED": "false",  # curator's PostHog client (bespokelabs/curator/telemetry/client.py)
+    "DO_NOT_TRACK": "1",
+    "CURATOR_VIEWER": "0",  # no hosted viewer session
+    "CURATOR_DISABLE_RICH_DISPLAY": "1",  # a plain log instead of a live console
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # litellm fetches its cost map at import otherwise
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", required=True, help="the stub's base URL, ending in /v1")
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--cache-dir", required=True)
+    args = ap.parse_args()
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ["CURATOR_CACHE_DIR"] = args.cache_dir
+    os.environ["OPENAI_API_KEY"] = "dummy"
+    os.environ.pop("OPENAI_BASE_URL", None)
+
+    import importlib.metadata
+
+    from bespokelabs import curator
+    from datasets import Dataset
+
+    class Sums(curator.LLM):
+        def prompt(self, input: dict) -> str:
+            return f"What is {input['i']} plus {input['i']}?"
+
+        def parse(self, input: dict, response: str) -> dict:
+            return {"i": input["i"], "answer": response}
+
+    llm = Sums(model_name="stub", backend="openai",
+               backend_params={"base_url": args.url, "api_key": "dummy",
+                               "max_concurrent_requests": args.concurrency,
+                               # Curator's rate limiter otherwise paces to its default budget.
+                               "max_requests_per_minute": 100_000_000, "max_tokens_per_minute": 10_000_000_000,
+                               "max_retries": 1, "request_timeout": 60})
+    dataset = Dataset.from_list([{"i": i} for i in range(args.n)])
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out = llm(dataset)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    data = getattr(out, "dataset", out)  # CuratorResponse in recent versions, a Dataset before
+    rows = data.to_list()
+    answers = {r["i"]: r["answer"] for r in rows}
+    ok = len(rows) == args.n and len(answers) == args.n and all(
+        isinstance(a, str) and a.endswith(f"What is {i} plus {i}?"[:24]) for i, a in answers.items())
+    print(json.dumps({"peer": "curator", "version": importlib.metadata.version("bespokelabs-curator"),
+                      "seconds": seconds, "cpu_seconds": cpu, "rows": len(rows), "distinct": len(answers),
+                      "ok": ok}), flush=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
