@@ -694,7 +694,10 @@ class _PromptExecution:
         finally:
             for w in self.workers:
                 w.cancel()
-            await asyncio.gather(*self.workers, return_exceptions=True)
+            ended = await asyncio.gather(*self.workers, return_exceptions=True)
+        crashed = [e for e in ended if isinstance(e, Exception)]
+        if crashed:  # a bug in retort itself: say so rather than lose rows
+            raise crashed[0]
         self.r.cache.maybe_flush()
 
     async def submit(self, job: _Job, samples: list[int], attempt: int) -> None:
@@ -713,42 +716,47 @@ class _PromptExecution:
 
     async def worker(self, model: str, backend: Backend, q: asyncio.Queue[Any]) -> None:
         while True:
-            item = await q.get()
+            job, samples, attempt = await q.get()
+            keys = [call_key(job.base, i, attempt) for i in samples]
             try:
-                job, samples, attempt = item
-                keys = [call_key(job.base, i, attempt) for i in samples]
                 request = Request(job.messages, self.request_params(samples[0], attempt), n=len(samples),
                                   schema=self.parser.schema, model=model, choices=self.model_identity(model)[1])
                 begun = time.monotonic()
-                try:
-                    completion = await self.call(backend, self.r.limiter(model), request)
-                except BackendError as exc:
-                    for key in keys:
-                        for waiter, i, _ in self.inflight.pop(key, []):
-                            self.stats.failures += 1
-                            self.r.cache.add_failure(self.run_id, self.stage.name, waiter.row_id, key, str(exc),
-                                                     exc.status)
-                            waiter.results[i] = (key, "", f"call failed: {exc}", {})
-                            self.stats.completed += 1
-                            waiter.open -= 1
-                            if waiter.open == 0:
-                                self.emit(waiter)
-                    continue
+                completion = await self.call(backend, self.r.limiter(model), request)
+                if len(completion.texts) != len(samples):
+                    raise BackendError(f"{len(completion.texts)} completions for {len(samples)} samples",
+                                       model=backend.identity)
                 latency = (time.monotonic() - begun) * 1000 / len(samples)
                 self.stats.prompt_tokens += completion.prompt_tokens
                 self.stats.completion_tokens += completion.completion_tokens
                 share_p = completion.prompt_tokens // len(samples)
                 share_c = completion.completion_tokens // len(samples)
                 reasons = completion.finish_reasons or [None] * len(samples)  # type: ignore[list-item]
-                for key, i, text, reason in zip(keys, samples, completion.texts, reasons, strict=False):
+                for key, i, text, reason in zip(keys, samples, completion.texts, reasons, strict=True):
                     self.stats.calls_made += 1
                     self.r.cache.add_call(key, backend.identity, job.messages, self.params, i, attempt, text,
                                           reason, share_p, share_c, latency, self.run_id, self.stage.name)
                     for waiter, si, att in self.inflight.pop(key, [(job, i, attempt)]):
                         self.deliver(waiter, si, att, key, text, None)
                 self.r.progress.advance(self.stats)
+            except Exception as exc:  # any failure of a call is the row's failure, never a dead worker
+                error = exc if isinstance(exc, BackendError) else BackendError(
+                    f"{type(exc).__name__}: {exc}", model=backend.identity)
+                self.fail(keys, error)
             finally:
                 q.task_done()
+
+    def fail(self, keys: list[str], exc: BackendError) -> None:
+        """Record the samples behind `keys` as failed (in `failures`); their rows close without them."""
+        for key in keys:
+            for waiter, i, _ in self.inflight.pop(key, []):
+                self.stats.failures += 1
+                self.r.cache.add_failure(self.run_id, self.stage.name, waiter.row_id, key, str(exc), exc.status)
+                waiter.results[i] = (key, "", f"call failed: {exc}", {})
+                self.stats.completed += 1
+                waiter.open -= 1
+                if waiter.open == 0:
+                    self.emit(waiter)
 
     def model_identity(self, model: str) -> tuple[str, list[str] | None]:
         """The backend's identity, and the choices it decodes under. Only a backend that constrains

@@ -243,3 +243,29 @@ def test_a_model_pointed_at_another_backend_keeps_only_its_served_name(workspace
             "base_url": "http://127.0.0.1:8000/v1", "name": "teacher"}
     finally:
         cache.close()
+
+
+def test_an_unexpected_backend_exception_is_a_recorded_failure_not_a_lost_row(workspace: Path) -> None:
+    def buggy(request: Request) -> str:
+        if request.messages[-1]["content"].endswith(("1", "4")):
+            raise ValueError("a bug in someone's backend")
+        return "fine"
+
+    rows = [{"text": f"item {i}"} for i in range(6)]
+    path = make(workspace, "  - {name: ask, template: 'Tell me about {{ text }}'}\n", rows)
+    result = asyncio.run(asyncio.wait_for(_run_async(workspace, path, ScriptedBackend(function=buggy,
+                                                                                      max_concurrency=1)), 60))
+    assert result.failures == 2 and result.stages[0].rows_out == 4
+    assert sorted(query(workspace, "SELECT row_id, error FROM failures")) == [
+        ("1", "model 'scripted:scripted': ValueError: a bug in someone's backend"),
+        ("4", "model 'scripted:scripted': ValueError: a bug in someone's backend")]
+
+
+async def _run_async(workspace: Path, path: Path, backend: ScriptedBackend) -> RunResult:
+    ws = Workspace(workspace)
+    spec, source = load_pipeline(path)
+    cache = Cache(ws.db_path)
+    try:
+        return await Runner(ws, spec, source, cache, backend_factory=lambda name, cfg: backend).execute()
+    finally:
+        cache.close()
