@@ -35,7 +35,7 @@ FLUSH_ROWS = 50_000
 KEEP_RUNS = 20
 
 CALL_FIELDS = [
-    ("key", pa.string()), ("model", pa.string()), ("messages", pa.string()), ("params", pa.string()),
+    ("key", pa.string()), ("model", pa.string()), ("request", pa.string()),
     ("sample", pa.int32()), ("attempt", pa.int32()), ("text", pa.string()), ("finish_reason", pa.string()),
     ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()), ("latency_ms", pa.float64()),
     ("run_id", pa.int32()), ("stage", pa.string()), ("created_at", pa.timestamp("us")),
@@ -43,7 +43,7 @@ CALL_FIELDS = [
 CALL_SCHEMA = pa.schema(CALL_FIELDS)
 
 DDL = """
-CREATE TABLE IF NOT EXISTS calls (key VARCHAR, model VARCHAR, messages VARCHAR, params VARCHAR, sample INTEGER,
+CREATE TABLE IF NOT EXISTS calls (key VARCHAR, model VARCHAR, request JSON, sample INTEGER,
     attempt INTEGER, text VARCHAR, finish_reason VARCHAR, prompt_tokens INTEGER, completion_tokens INTEGER,
     latency_ms DOUBLE, run_id INTEGER, stage VARCHAR, created_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS embeddings (key VARCHAR, model VARCHAR, text VARCHAR, vector FLOAT[],
@@ -169,12 +169,12 @@ class Cache:
         found.update(zip(cols["key"], zip(cols["text"], cols["p"], cols["c"], strict=True), strict=True))
         return found
 
-    def add_call(self, key: str, model: str, messages: list[dict[str, str]], params: dict[str, Any],
-                 sample: int, attempt: int, text: str, finish_reason: str | None, prompt_tokens: int,
-                 completion_tokens: int, latency_ms: float, run_id: int, stage: str) -> None:
-        self._calls.append((key, model, orjson.dumps(messages).decode(), orjson.dumps(params).decode(),
-                            sample, attempt, text, finish_reason, prompt_tokens, completion_tokens, latency_ms,
-                            run_id, stage, None))
+    def add_call(self, key: str, model: str, request: bytes, sample: int, attempt: int, text: str,
+                 finish_reason: str | None, prompt_tokens: int, completion_tokens: int, latency_ms: float,
+                 run_id: int, stage: str) -> None:
+        """`request` is the canonical JSON the key hashes (model, messages, params, schema)."""
+        self._calls.append((key, model, request.decode(), sample, attempt, text, finish_reason, prompt_tokens,
+                            completion_tokens, latency_ms, run_id, stage, None))
         self._call_index[key] = (text, prompt_tokens, completion_tokens)
 
     def lookup_embeddings(self, keys: list[str]) -> dict[str, list[float]]:

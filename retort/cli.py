@@ -193,7 +193,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     finally:
         cache.con.close()
     if not args.all_columns:
-        keep = [i for i, c in enumerate(columns) if c not in ("_call", "messages", "params")]
+        keep = [i for i, c in enumerate(columns) if c not in ("_call", "request")]
         columns = [columns[i] for i in keep]
         rows = [tuple(r[i] for i in keep) for r in rows]
     if args.columns:

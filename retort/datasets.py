@@ -26,6 +26,14 @@ def read_table(path: Path, limit: int | None = None) -> pa.Table:
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".ndjson"):
+            try:  # Arrow's C++ reader: ~20x faster than building rows in Python
+                from pyarrow import json as pa_json
+
+                table = pa_json.read_json(path, read_options=pa_json.ReadOptions(block_size=1 << 22))
+                if table.num_rows:
+                    return table.slice(0, limit) if limit else table
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass  # mixed types across rows, or a line that is not an object: the exact path says which
             return _from_rows(_jsonl_rows(path, limit), path)
         if suffix == ".json":
             data = orjson.loads(path.read_bytes())

@@ -72,6 +72,21 @@ class Limiter:
     def budgets_tokens(self) -> bool:
         return self._tokens is not None
 
+    def try_acquire(self, tokens: float = 0.0) -> bool:
+        """Take a slot now if one is free and no budget holds it back (the hot path, no await)."""
+        if self.active >= self.limit or self._waiters:
+            return False
+        if self._requests is not None and self._requests.wait_time(1) > 0:
+            return False
+        if self._tokens is not None and tokens and self._tokens.wait_time(tokens) > 0:
+            return False
+        self.active += 1
+        if self._requests is not None:
+            self._requests.take(1)
+        if self._tokens is not None and tokens:
+            self._tokens.take(tokens)
+        return True
+
     async def acquire(self, tokens: float = 0.0) -> None:
         while True:
             wait = 0.0
@@ -102,6 +117,8 @@ class Limiter:
     def release(self, *, ok: bool, throttled: bool = False, estimated: float = 0.0,
                 used: float | None = None) -> None:
         self.active -= 1
+        if ok and not self._waiters and self.limit == self.ceiling and self._tokens is None:
+            return  # the hot path: nothing to settle, nobody to wake
         if self._tokens is not None and used is not None:
             self._tokens.take(used - estimated)
         if throttled:

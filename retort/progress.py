@@ -33,6 +33,7 @@ class RichProgress(RunnerProgress):
             disable=not enabled, refresh_per_second=4)
         self.tasks: dict[str, Any] = {}
         self.started: dict[str, float] = {}
+        self._last = 0.0
 
     def __enter__(self) -> RichProgress:
         self.bar.__enter__()
@@ -48,8 +49,10 @@ class RichProgress(RunnerProgress):
 
     def advance(self, stats: StageStats) -> None:
         task = self.tasks.get(stats.name)
-        if task is None:
+        now = time.monotonic()
+        if task is None or now - self._last < 0.1:  # called per call: redraw state ten times a second at most
             return
+        self._last = now
         elapsed = max(1e-6, time.monotonic() - self.started[stats.name])
         self.bar.update(task, completed=stats.done, hits=stats.cache_hits, fail=stats.failures,
                         tps=f"{stats.completion_tokens / elapsed:,.0f}" if stats.calls_made else "-")
@@ -58,6 +61,7 @@ class RichProgress(RunnerProgress):
         task = self.tasks.get(stats.name)
         if task is None:
             return
+        self._last = 0.0
         self.advance(stats)
         if self.bar.tasks[task].total is None:
             self.bar.update(task, total=max(stats.rows_out, 1), completed=max(stats.rows_out, 1))

@@ -136,7 +136,7 @@ def test_label_set_comes_from_params(workspace: Path) -> None:
                    "--set", "params.labels=[business,sport]", "--set", "params.task=the topic of a headline",
                    "--model", "*=scripted:retort.backends.scripted:echo", "-q", "--json", cwd=ws)
     assert proc.returncode == 0, proc.stderr
-    prompts = _rows(ws, "SELECT messages FROM calls WHERE stage = 'teach'")
+    prompts = _rows(ws, "SELECT request FROM calls WHERE stage = 'teach'")
     assert len(prompts) == 3
     assert all("Labels: business, sport." in p[0] and "the topic of a headline" in p[0] for p in prompts)
 

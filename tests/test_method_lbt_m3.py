@@ -156,8 +156,8 @@ def test_failures_are_pooled_across_students(m3: Path) -> None:
         (1, "r0.c0", 4, "The examples never show a negative review that sounds mild."),
         (2, "r0.c0", 4, "The examples never show a negative review that sounds mild.")]
     # the teacher saw every student's failure, each item once with the wrong answer given
-    prompts = [json.loads(m)[-1]["content"] for (m,) in
-               _sql(m3, "SELECT messages FROM main.calls WHERE messages LIKE '%explain why the examples%'")]
+    prompts = [json.loads(m)["messages"][-1]["content"] for (m,) in
+               _sql(m3, "SELECT request FROM main.calls WHERE request LIKE '%explain why the examples%'")]
     assert len(prompts) == 1  # round 2 asked the same question: a cache hit
     for text, wrong in (("easy good plot", "negative"), ("easy bad plot", "positive"),
                         ("hard good plot", "negative"), ("hard bad plot", "positive")):
