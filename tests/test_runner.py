@@ -36,12 +36,20 @@ def make(workspace: Path, stages: str, rows: list[dict[str, Any]] = ROWS) -> Pat
     return path
 
 
-def run(workspace: Path, path: Path, backend: ScriptedBackend, overrides: list[str] = ()) -> RunResult:  # type: ignore[assignment]
+def run(workspace: Path, path: Path, backend: ScriptedBackend | None = None,
+        overrides: list[str] = ()) -> RunResult:  # type: ignore[assignment]
+    """Run the pipeline at `path`: every model is `backend`, or the spec's own models when None."""
+    return asyncio.run(_run_async(workspace, path, backend, overrides))
+
+
+async def _run_async(workspace: Path, path: Path, backend: ScriptedBackend | None = None,
+                     overrides: list[str] = ()) -> RunResult:  # type: ignore[assignment]
     ws = Workspace(workspace)
     spec, source = load_pipeline(path, list(overrides))
     cache = Cache(ws.db_path)
+    factory = (lambda name, cfg: backend) if backend is not None else None
     try:
-        return asyncio.run(Runner(ws, spec, source, cache, backend_factory=lambda name, cfg: backend).execute())
+        return await Runner(ws, spec, source, cache, backend_factory=factory).execute()
     finally:
         cache.close()
 
@@ -177,13 +185,7 @@ def test_model_column_routes_rows_to_models(workspace: Path) -> None:
     path.write_text(path.read_text().replace(
         "stages:", "models:\n  small: {backend: scripted, replies: [s1]}\n"
                    "  big: {backend: scripted, replies: [b1]}\nstages:"))
-    ws = Workspace(workspace)
-    spec, source = load_pipeline(path)
-    cache = Cache(ws.db_path)
-    try:
-        asyncio.run(Runner(ws, spec, source, cache).execute())
-    finally:
-        cache.close()
+    run(workspace, path)
     assert sorted(query(workspace, "SELECT text, ask FROM main.ask")) == [("a", "s1"), ("b", "b1")]
     assert sorted(query(workspace, "SELECT model FROM calls")) == [("scripted:big",), ("scripted:small",)]
 
@@ -214,13 +216,7 @@ def test_api_key_never_lands_in_the_database(workspace: Path, monkeypatch: pytes
     path.write_text(path.read_text().replace(
         "stages:", "models:\n  default: {backend: scripted, replies: [x, x, x, x, x, x], api_key_env: MY_KEY}\n"
                    "stages:"))
-    ws = Workspace(workspace)
-    spec, source = load_pipeline(path)
-    cache = Cache(ws.db_path)
-    try:
-        asyncio.run(Runner(ws, spec, source, cache).execute())
-    finally:
-        cache.close()
+    run(workspace, path)
     assert secret.encode() not in (workspace / ".retort" / "retort.duckdb").read_bytes()
     assert secret not in json.dumps(query(workspace, "SELECT * FROM runs"), default=str)
 
@@ -260,12 +256,3 @@ def test_an_unexpected_backend_exception_is_a_recorded_failure_not_a_lost_row(wo
         ("1", "model 'scripted:scripted': ValueError: a bug in someone's backend"),
         ("4", "model 'scripted:scripted': ValueError: a bug in someone's backend")]
 
-
-async def _run_async(workspace: Path, path: Path, backend: ScriptedBackend) -> RunResult:
-    ws = Workspace(workspace)
-    spec, source = load_pipeline(path)
-    cache = Cache(ws.db_path)
-    try:
-        return await Runner(ws, spec, source, cache, backend_factory=lambda name, cfg: backend).execute()
-    finally:
-        cache.close()
