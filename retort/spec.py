@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
@@ -80,6 +80,7 @@ class _Stage(_Strict):
 
 
 class PromptStage(_Stage):
+    kind: ClassVar[str] = "prompt"
     from_: str = Field("input", alias="from")
     where: str | None = Field(None, description="SQL filter over the `from` table")
     prompt: str | None = Field(None, description="template name in prompts/ (or inline `template`)")
@@ -100,16 +101,19 @@ class PromptStage(_Stage):
 
 
 class SqlStage(_Stage):
+    kind: ClassVar[str] = "sql"
     sql: str
 
 
 class PythonStage(_Stage):
+    kind: ClassVar[str] = "python"
     python: str = Field(description="evaluator name in evaluators/")
     from_: str | None = Field(None, alias="from")
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
 
 
 class EmbedStage(_Stage):
+    kind: ClassVar[str] = "embed"
     embed: str = Field(description="the column to embed")
     from_: str = Field("input", alias="from")
     where: str | None = Field(None, description="SQL filter over the `from` table")
@@ -147,10 +151,6 @@ class Pipeline(_Strict):
         if name == "default":
             return ModelSpec(backend="local")
         raise KeyError(name)
-
-
-for _cls, _kind in ((PromptStage, "prompt"), (SqlStage, "sql"), (PythonStage, "python"), (EmbedStage, "embed")):
-    _cls.kind = _kind  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- loading

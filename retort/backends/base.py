@@ -41,8 +41,9 @@ class Backend(Protocol):
 
     async def complete(self, request: Request) -> Completion: ...
 
-    async def check(self) -> None:
-        """Fail fast before a run (an unreachable endpoint raises EndpointUnreachable)."""
+    async def check(self) -> list[str] | None:
+        """Fail fast before a run (an unreachable endpoint raises EndpointUnreachable); return the
+        model names the endpoint serves when it lists them."""
 
     async def aclose(self) -> None: ...
 

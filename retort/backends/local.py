@@ -85,7 +85,8 @@ class LocalBackend:
             self._embedder = Llama(model_path=self.model_path or gguf_path(), n_ctx=N_CTX, embedding=True,
                                    pooling_type=1, verbose=False)  # 1 = LLAMA_POOLING_TYPE_MEAN
         result = self._embedder.create_embedding(texts)
-        vectors = [[float(x) for x in d["embedding"]] for d in sorted(result["data"], key=lambda d: d["index"])]
+        rows = sorted(result["data"], key=lambda d: d["index"])
+        vectors = [[float(x) for x in cast(list[float], d["embedding"])] for d in rows]
         return vectors, int((result.get("usage") or {}).get("prompt_tokens") or 0)
 
     async def check(self) -> None:
