@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import duckdb
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,3 +42,12 @@ def workspace(tmp_path: Path) -> Path:
     for folder in ("pipelines", "prompts", "evaluators", "data"):
         (tmp_path / folder).mkdir()
     return tmp_path
+
+
+def db_rows(workspace: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of `sql` over the workspace's DuckDB file, opened read-only after the CLI has exited."""
+    con = duckdb.connect(str(Path(workspace) / ".retort" / "retort.duckdb"), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pytest
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from langchain_core.runnables import RunnableLambda
@@ -23,6 +22,7 @@ from retort.backends.langchain import LangChainBackend, from_config, is_secret_n
 from retort.errors import BackendError, DatasetError, NotFoundError, SpecError, UserError
 from retort.runnable import PipelineRunnable
 from retort.workspace import Workspace
+from tests.conftest import db_rows as query
 from tests.conftest import run_cli
 
 ALLOW = {"RETORT_ALLOWED_BACKENDS": "scripted,langchain"}
@@ -173,14 +173,6 @@ def ws(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def received(ws: Path) -> list[dict[str, Any]]:
     log = ws / "received.jsonl"
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-
-
-def query(ws: Path, sql: str) -> list[tuple[Any, ...]]:
-    con = duckdb.connect(str(ws / ".retort" / "retort.duckdb"), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def cli_run(ws: Path, *args: str) -> tuple[int, dict[str, Any], str]:

@@ -16,10 +16,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import duckdb
 import pytest
 import yaml
 from conftest import ROOT, SHARED, run_cli
+from conftest import db_rows as _sql
 
 SCRIPT = '''
 import re
@@ -72,14 +72,6 @@ def _run(ws: Path, judge: str = "always_a", *extra: str) -> dict[str, Any]:
     proc = run_cli("run", "bridge", "--model", f"*=scripted:bridgefake:{judge}", *extra, "--json", "-q", cwd=ws)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
-
-
-def _sql(ws: Path, query: str) -> list[tuple[Any, ...]]:
-    con = duckdb.connect(str(ws / ".retort" / "retort.duckdb"), read_only=True)
-    try:
-        return con.sql(query).fetchall()
-    finally:
-        con.close()
 
 
 def _in(value: str, labels: list[str]) -> str:

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pytest
 from conftest import SHARED, run_cli
+from conftest import db_rows as _rows
 
 MINI = [
     {"text": "a funny film", "label": "positive"},   # teacher right
@@ -59,14 +59,6 @@ def _run(workspace: Path, *args: str) -> dict[str, Any]:
                    *args, "-q", "--json", cwd=workspace)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
-
-
-def _rows(workspace: Path, sql: str) -> list[tuple[Any, ...]]:
-    con = duckdb.connect(str(workspace / ".retort" / "retort.duckdb"), read_only=True)
-    try:
-        return con.sql(sql).fetchall()
-    finally:
-        con.close()
 
 
 def _counts(result: dict[str, Any]) -> dict[str, int]:

@@ -19,9 +19,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import duckdb
 import pytest
 from conftest import ROOT, SHARED, run_cli
+from conftest import db_rows as _sql
 
 SCRIPT = '''
 def _query(text):
@@ -96,14 +96,6 @@ def _run(ws: Path, *extra: str) -> dict[str, Any]:
     proc = run_cli("run", "lbt_m3", "--input", "data/m3.jsonl", *MODELS, *PARAMS, *extra, "--json", "-q", cwd=ws)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
-
-
-def _sql(ws: Path, query: str) -> list[tuple[Any, ...]]:
-    con = duckdb.connect(str(ws / ".retort" / "retort.duckdb"), read_only=True)
-    try:
-        return con.sql(query).fetchall()
-    finally:
-        con.close()
 
 
 def test_rounds_beam_scores_and_heldout(m3: Path) -> None:

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pytest
 from conftest import ROOT, SHARED, run_cli
+from conftest import db_rows as _rows
 
 NEWS_LABELS = "[business,entertainment,health,sci_tech,sport,us,world]"
 
@@ -79,14 +79,6 @@ def _run(workspace: Path, *args: str) -> dict[str, Any]:
     proc = run_cli("run", *args, "-q", "--json", cwd=workspace)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
-
-
-def _rows(workspace: Path, sql: str) -> list[tuple[Any, ...]]:
-    con = duckdb.connect(str(workspace / ".retort" / "retort.duckdb"), read_only=True)
-    try:
-        return con.sql(sql).fetchall()
-    finally:
-        con.close()
 
 
 def _counts(result: dict[str, Any]) -> dict[str, int]:

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pytest
 
 from retort.backends.base import Request
@@ -18,6 +17,7 @@ from retort.errors import BackendError
 from retort.runner import Runner, RunResult
 from retort.spec import load_pipeline
 from retort.workspace import Workspace
+from tests.conftest import db_rows as query
 
 ROWS = [{"text": f"item {i}", "label": "positive" if i % 2 else "negative"} for i in range(6)]
 
@@ -52,14 +52,6 @@ async def _run_async(workspace: Path, path: Path, backend: ScriptedBackend | Non
         return await Runner(ws, spec, source, cache, backend_factory=factory).execute()
     finally:
         cache.close()
-
-
-def query(workspace: Path, sql: str) -> list[tuple[Any, ...]]:
-    con = duckdb.connect(str(workspace / ".retort" / "retort.duckdb"), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 CHAIN = """\
