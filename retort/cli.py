@@ -242,7 +242,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     cache = _open_read(args)
@@ -261,7 +260,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in rows:
         table.add_row(*(str(x) for x in r))
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
