@@ -24,7 +24,7 @@ from retort.backends.openai import OpenAIBackend, from_config, parse_retry_after
 from retort.errors import BackendError, EndpointUnreachable, SpecError, UserError
 
 T = TypeVar("T")
-TRANSPORTS = ["fast", "sdk"]
+TRANSPORTS = ["fast", "aiohttp", "sdk"]
 KEY = "sk-test-d0n0tl3ak-7f3a9c"
 
 
@@ -88,18 +88,29 @@ def test_satisfies_the_backend_protocol() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_both_transports_return_identical_completions(stub: Stub, n: int) -> None:
+def test_every_transport_returns_identical_completions(stub: Stub, n: int) -> None:
     prompt = "Which planet is the largest?"
     request = Request(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}],
                       params={"temperature": 0.7, "max_tokens": 16}, n=n)
-    fast = use(OpenAIBackend("stub", stub.url, transport="fast"), lambda b: b.complete(request))
-    sdk = use(OpenAIBackend("stub", stub.url, transport="sdk"), lambda b: b.complete(request))
-
     texts = [reply_text(prompt, i) for i in range(n)]
     expected = Completion(texts=texts, prompt_tokens=7, completion_tokens=sum(len(t.split()) for t in texts),
                           finish_reasons=["stop"] * n)
-    assert fast == expected
-    assert sdk == expected
+    for transport in TRANSPORTS:
+        got = use(OpenAIBackend("stub", stub.url, transport=transport),  # type: ignore[arg-type]
+                  lambda b: b.complete(request))
+        assert got == expected, transport
+
+
+def test_auto_transport_is_aiohttp_only_when_a_proxy_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                 "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert OpenAIBackend("m", "https://api.example.com/v1").transport == "fast"
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert OpenAIBackend("m", "https://api.example.com/v1").transport == "aiohttp"
+    assert OpenAIBackend("m", "http://127.0.0.1:8000/v1").transport == "fast"  # bypassed, and http anyway
+    assert OpenAIBackend("m", "https://api.example.com/v1", transport="fast").transport == "fast"
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
