@@ -7,7 +7,10 @@
 The job: prompt "What is {i} plus {i}?" for i in 0..n-1 against the stub server
 (bench/stub_server.py, started here on 127.0.0.1), keep the text. Every contender runs it
 twice: first with an empty cache (n real HTTP calls), then again on the filled cache (the
-cached rerun: no HTTP call at all).
+cached rerun: no HTTP call at all). retort's cached rerun reuses the unchanged stage's
+table whole (as curator reloads a finished dataset by fingerprint); a third retort run,
+with reuse off (`--no-reuse`), replays every row from the `calls` table (as distilabel
+does per batch), shown as "per-row replay".
 
   curator     bespokelabs-curator, `curator.LLM`, backend openai, max_concurrent_requests
   distilabel  LoadDataFromDicts >> TextGeneration(OpenAILLM), input_batch_size = concurrency,
@@ -194,8 +197,9 @@ def run_peer(python: Path, peer: str, url: str, n: int, concurrency: int, cache_
 
 # --- retort and the bare loop, in this process -------------------------------------------------
 
-async def retort_twice(url: str, n: int, concurrency: int) -> tuple[float, float, tuple[int, int]]:
-    """(first run, cached rerun) seconds of Runner.execute on one fresh workspace, and their HTTP calls."""
+async def retort_thrice(url: str, n: int, concurrency: int) -> tuple[float, float, float, tuple[int, int]]:
+    """Seconds of Runner.execute on one fresh workspace: the first run, the cached rerun (the unchanged
+    stage reused whole), the rerun with reuse off (every row replayed from `calls`); HTTP calls made."""
     with tempfile.TemporaryDirectory(prefix="retort-peers-") as tmp:
         spec = bt.make_workspace(Path(tmp), url, "stub", n, concurrency)
         before = served(url)
@@ -204,13 +208,18 @@ async def retort_twice(url: str, n: int, concurrency: int) -> tuple[float, float
         bt.check_totals(first, n, made=n, hits=0)
         again, t2 = await bt.run_pipeline(Path(tmp), spec)
         bt.check_totals(again, n, made=0, hits=n)
-        return t1.seconds, t2.seconds, (middle - before, served(url) - middle)
+        assert again.stages[0].reused_from == first.run_id
+        replay, t3 = await bt.run_pipeline(Path(tmp), spec, reuse=False)
+        bt.check_totals(replay, n, made=0, hits=n)
+        assert replay.stages[0].reused_from is None
+        return t1.seconds, t2.seconds, t3.seconds, (middle - before, served(url) - middle)
 
 
 @dataclass
 class Row:
     first: list[float] = field(default_factory=list)  # seconds
     rerun: list[float] = field(default_factory=list)
+    replay: list[float] = field(default_factory=list)  # retort only: the rerun with --no-reuse
     process: list[float] = field(default_factory=list)
     process_cpu: list[float] = field(default_factory=list)
     requests: tuple[int, int | None] | None = None  # HTTP calls the stub served: first run, rerun
@@ -262,14 +271,16 @@ def main() -> None:
                           f"   rerun {args.n / b.seconds:9,.0f} rows/s ({b.seconds:.3f} s, {b.requests} HTTP requests)",
                           flush=True)
                 elif name == "retort":
-                    first, rerun, row.requests = asyncio.run(retort_twice(url, args.n, args.concurrency))
+                    first, rerun, replay, row.requests = asyncio.run(retort_thrice(url, args.n, args.concurrency))
                     row.first.append(first)
                     row.rerun.append(rerun)
+                    row.replay.append(replay)
                     from importlib.metadata import version
 
                     row.version = version("retort")
                     print(f"  round {round_}  {name:<11} first {args.n / first:8,.0f} req/s ({first:.2f} s)   rerun "
-                          f"{args.n / rerun:9,.0f} rows/s ({rerun:.3f} s)", flush=True)
+                          f"{args.n / rerun:9,.0f} rows/s ({rerun:.3f} s)   rerun --no-reuse "
+                          f"{args.n / replay:9,.0f} rows/s ({replay:.3f} s)", flush=True)
                 else:
                     before = served(url)
                     timing = asyncio.run(bt.aiohttp_orjson(bt.Target(url, "stub"), args.n, args.concurrency))
@@ -284,25 +295,27 @@ def main() -> None:
 
     bare = args.n / min(rows["bare"].first) if "bare" in rows else None
     print(f"\nbest of {args.repeat}; n = {args.n}, concurrency {args.concurrency}; ratios to the bare aiohttp loop")
-    header = (f"{'contender':<24} {'req/s (first run)':>18} {'cached rerun rows/s':>20} {'ratio':>6} "
-              f"{'HTTP calls first/rerun':>23} {'process s':>10} {'process CPU s':>14}")
+    header = (f"{'contender':<24} {'req/s (first run)':>18} {'cached rerun rows/s':>20} {'per-row replay':>15} "
+              f"{'ratio':>6} {'HTTP calls first/rerun':>23} {'process s':>10} {'process CPU s':>14}")
     print(header)
     print("-" * len(header))
     results = {}
     for name, row in rows.items():
         rate = args.n / min(row.first)
         rerun_cell = f"{args.n / min(row.rerun):,.0f}" if row.rerun else "-"
+        replay_cell = f"{args.n / min(row.replay):,.0f}" if row.replay else "-"
         ratio = f"{rate / bare:.2f}" if bare else "-"
         calls = f"{row.requests[0]}/{row.requests[1]}" if row.requests and row.rerun else \
             f"{row.requests[0]}" if row.requests else "-"
         process = f"{min(row.process):.1f}" if row.process else "-"
         process_cpu = f"{min(row.process_cpu):.1f}" if row.process_cpu else "-"
         label = f"{name} {row.version}".strip()
-        print(f"{label[:24]:<24} {rate:>18,.0f} {rerun_cell:>20} {ratio:>6} {calls:>23} {process:>10} "
-              f"{process_cpu:>14}")
+        print(f"{label[:24]:<24} {rate:>18,.0f} {rerun_cell:>20} {replay_cell:>15} {ratio:>6} {calls:>23} "
+              f"{process:>10} {process_cpu:>14}")
         results[name] = {"version": row.version, "first_seconds": min(row.first), "req_per_s": rate,
                          "rerun_seconds": min(row.rerun) if row.rerun else None,
                          "rerun_rows_per_s": args.n / min(row.rerun) if row.rerun else None,
+                         "replay_rows_per_s": args.n / min(row.replay) if row.replay else None,
                          "ratio_to_bare": rate / bare if bare else None, "http_requests": row.requests,
                          "process_seconds": min(row.process) if row.process else None,
                          "process_cpu_seconds": min(row.process_cpu) if row.process_cpu else None}

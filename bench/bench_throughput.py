@@ -14,9 +14,10 @@ Each contender is one async function `(target, n, concurrency) -> Timing` listed
 CONTENDERS: it sets up its client, hands `drive` a coroutine that makes request i
 and checks the answer, and tears the client down. A new contender (say, a one-stage
 pipeline run end to end through the runner) is one more function and one more entry.
-Ratios are against the bare aiohttp + orjson loop, the ceiling for a Python client.
+Ratios are against the bare aiohttp + orjson loop, what a plain Python client costs;
+`wire_bare` is the same loop over retort's own HTTP/1.1 client (retort.backends.wire).
 
-Two contenders run the whole engine instead (`retort.runner.Runner`, in process,
+Four contenders run the whole engine instead (`retort.runner.Runner`, in process,
 as bench/bench_replay.py does): a one-stage pipeline of n rows (a Jinja template
 that renders the very prompt `messages(i)`, parse text) on the `openai` backend,
 `transport: fast`, `max_concurrency` = the loops' concurrency.
@@ -24,7 +25,10 @@ that renders the very prompt `messages(i)`, parse text) on the `openai` backend,
                  call; timed from Runner.execute() to its return (input load,
                  preflight, calls, group commits, finish_run).
   retort_cached  the same pipeline run once untimed to fill the DuckDB, then timed
-                 again on it: every call a cache hit, the stub never asked.
+                 again on it: nothing changed, so the stage's table is copied from
+                 the first run (its fingerprint matches), the stub never asked.
+  retort_replayed  the same rerun with reuse off (`--no-reuse`): every row
+                 rendered, hashed, looked up in `calls` and parsed again.
   retort_engine  (diagnostic) retort_e2e with the in-process echo backend instead of
                  HTTP: what the engine itself costs per call.
 
@@ -56,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retort.backends.base import Request
 from retort.backends.openai import OpenAIBackend
+from retort.backends.wire import Pool
 from retort.cache import Cache
 from retort.runner import Runner, RunResult
 from retort.spec import load_pipeline
@@ -135,6 +140,24 @@ async def aiohttp_orjson(target: Target, n: int, concurrency: int) -> Timing:
         return await drive(call, n, concurrency)
 
 
+async def wire_bare(target: Target, n: int, concurrency: int) -> Timing:
+    """(d) The same bare loop over retort's own HTTP/1.1 client (retort.backends.wire)."""
+    origin, _, prefix = target.url.partition("/v1")
+    pool = Pool(origin, headers={"Content-Type": "application/json"}, limit=concurrency)
+    path = f"/v1{prefix}/chat/completions"
+
+    async def call(i: int) -> None:
+        body = orjson.dumps({"model": target.model, "messages": messages(i)})
+        status, _, content = await pool.request("POST", path, body, timeout=60)
+        data = orjson.loads(content)
+        assert status == 200 and data["choices"][0]["message"]["content"]
+
+    try:
+        return await drive(call, n, concurrency)
+    finally:
+        await pool.close()
+
+
 async def _backend(target: Target, n: int, concurrency: int, transport: str) -> Timing:
     backend = OpenAIBackend(target.model, target.url, max_concurrency=concurrency,
                             transport=transport)  # type: ignore[arg-type]
@@ -194,14 +217,15 @@ def make_workspace(root: Path, url: str, model: str, rows: int, concurrency: int
     return spec
 
 
-async def run_pipeline(root: Path, spec: Path, *, max_retries: int = 5) -> tuple[RunResult, Timing]:
+async def run_pipeline(root: Path, spec: Path, *, max_retries: int = 5,
+                       reuse: bool = True) -> tuple[RunResult, Timing]:
     """One Runner.execute() on the workspace's DuckDB, timed (wall and this process's CPU)."""
     ws = Workspace(root)
     pipeline, source = load_pipeline(spec)
     cache = Cache(ws.db_path)
     try:
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = await Runner(ws, pipeline, source, cache, max_retries=max_retries).execute()
+        result = await Runner(ws, pipeline, source, cache, max_retries=max_retries, reuse=reuse).execute()
         timing = Timing(time.perf_counter() - start, time.process_time() - cpu_start)
     finally:
         cache.close()
@@ -211,12 +235,12 @@ async def run_pipeline(root: Path, spec: Path, *, max_retries: int = 5) -> tuple
 PROFILE: cProfile.Profile | None = None  # set by --profile: wraps the timed retort run
 
 
-async def _timed_retort_run(root: Path, spec: Path) -> tuple[RunResult, Timing]:
+async def _timed_retort_run(root: Path, spec: Path, reuse: bool = True) -> tuple[RunResult, Timing]:
     if PROFILE is None:
-        return await run_pipeline(root, spec)
+        return await run_pipeline(root, spec, reuse=reuse)
     PROFILE.enable()
     try:
-        return await run_pipeline(root, spec)
+        return await run_pipeline(root, spec, reuse=reuse)
     finally:
         PROFILE.disable()
 
@@ -247,15 +271,26 @@ async def retort_engine(target: Target, n: int, concurrency: int) -> Timing:
         return timing
 
 
-async def retort_cached(target: Target, n: int, concurrency: int) -> Timing:
-    """(g) The same pipeline again on its filled DuckDB: n cache hits, no HTTP call."""
+async def _cached(target: Target, n: int, concurrency: int, reuse: bool) -> Timing:
     with tempfile.TemporaryDirectory(prefix="retort-bench-") as tmp:
         spec = make_workspace(Path(tmp), target.url, target.model, n, concurrency)
         first, _ = await run_pipeline(Path(tmp), spec)
         check_totals(first, n, made=n, hits=0)
-        result, timing = await _timed_retort_run(Path(tmp), spec)
+        result, timing = await _timed_retort_run(Path(tmp), spec, reuse)
         check_totals(result, n, made=0, hits=n)
+        if (result.stages[0].reused_from is not None) != reuse:
+            raise AssertionError(f"stage reused from {result.stages[0].reused_from}, expected reuse={reuse}")
         return timing
+
+
+async def retort_cached(target: Target, n: int, concurrency: int) -> Timing:
+    """(g) The same pipeline again on its filled DuckDB: nothing changed, so the stage table is reused."""
+    return await _cached(target, n, concurrency, reuse=True)
+
+
+async def retort_replayed(target: Target, n: int, concurrency: int) -> Timing:
+    """(g') The same rerun with reuse off (--no-reuse): every row rendered, hashed, looked up and parsed."""
+    return await _cached(target, n, concurrency, reuse=False)
 
 
 Contender = Callable[[Target, int, int], Coroutine[Any, Any, Timing]]
@@ -263,14 +298,16 @@ CONTENDERS: dict[str, Contender] = {
     "sdk_httpx": sdk_httpx,
     "sdk_aiohttp": sdk_aiohttp,
     BASELINE: aiohttp_orjson,
+    "wire_bare": wire_bare,
     "backend_fast": backend_fast,
     "backend_sdk": backend_sdk,
     "retort_e2e": retort_e2e,
     "retort_cached": retort_cached,
+    "retort_replayed": retort_replayed,
     "retort_engine": retort_engine,
 }
 # What each contender's rate counts: requests, or (retort_cached) cache hits.
-UNITS = {"retort_cached": "hits/s", "retort_engine": "calls/s"}
+UNITS = {"retort_cached": "rows/s", "retort_replayed": "hits/s", "retort_engine": "calls/s"}
 
 
 # --- the harness --------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def _runner(args: argparse.Namespace, mode: str, cache: Any, progress: Any = Non
     targets = {name: backends.parse_target(t) for name, t in _kv(args.model, "--model").items()}
     return Runner(ws, pipeline, source, cache, mode=mode, input_path=args.input, columns=_kv(args.map, "--map"),
                   limit=args.limit, model_targets=targets, progress=progress, max_retries=args.retries,
-                  argv=shlex.join(sys.argv[1:]))
+                  argv=shlex.join(sys.argv[1:]), reuse=not getattr(args, "no_reuse", False))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -307,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_args(p)
     p.add_argument("--max-failures", type=int, default=0, help="exit non-zero past this many failures")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="rebuild every stage table, even one an earlier run built from the same inputs "
+                        "(calls still come from the cache)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="check a pipeline without calling a model")
     _add_pipeline_args(p)

@@ -30,6 +30,7 @@ import inspect
 import json
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -374,7 +375,7 @@ def _build_json_model(name: Any, output: str, where: str, workspace: Workspace |
         dumped = instance.model_dump(mode="json", by_alias=True)
         return {column: dumped.get(column) for column in columns}
 
-    identity = _identity("json", {"model": name, "schema": schema})
+    identity = _identity("json", {"model": name, "schema": schema, "source": _source_digest(model)})
     return Parser("json", parse, columns=columns, schema=schema, identity=identity)
 
 
@@ -477,12 +478,14 @@ def _build_answer(options: dict[str, Any], output: str, where: str, workspace: W
     return Parser("answer", parse, columns=[output], identity=identity)
 
 
-def _source_digest(fn: Any) -> str:
+def _source_digest(obj: Any) -> str:
+    """The code behind a parse function or model: its whole module file, since helpers it calls count too."""
     try:
-        source = inspect.getsource(fn)
+        file = inspect.getsourcefile(obj)
+        source = Path(file).read_bytes() if file else inspect.getsource(obj).encode()
     except (OSError, TypeError):  # a builtin, or defined in a REPL
-        source = getattr(fn, "__qualname__", repr(fn))
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
+        source = getattr(obj, "__qualname__", repr(obj)).encode()
+    return hashlib.sha256(source).hexdigest()[:16]
 
 
 def _build_function(options: dict[str, Any], output: str, where: str, workspace: Workspace | None) -> Parser:

@@ -75,7 +75,8 @@ def print_summary(result: RunResult) -> None:
                 "parse errors", "tokens", "seconds"):
         table.add_column(col, justify="left" if col in ("stage", "kind") else "right")
     for s in result.stages:
-        table.add_row(s.name, s.kind, str(s.rows_in) if s.kind in ("prompt", "embed", "python") else "",
+        kind = f"{s.kind}, reused run {s.reused_from}" if s.reused_from else s.kind
+        table.add_row(s.name, kind, str(s.rows_in) if s.kind in ("prompt", "embed", "python") else "",
                       str(s.rows_out), str(s.calls_needed), str(s.cache_hits),
                       str(s.calls_made), str(s.failures) + (" (crashed)" if s.error else ""), str(s.parse_errors),
                       f"{s.prompt_tokens + s.completion_tokens:,}", f"{s.seconds:.2f}")
@@ -85,6 +86,10 @@ def print_summary(result: RunResult) -> None:
                   f"tokens {t['prompt_tokens'] + t['completion_tokens']:,} "
                   f"(prompt {t['prompt_tokens']:,}, completion {t['completion_tokens']:,}), "
                   f"wall {result.seconds:.1f}s")
+    reused = [s.name for s in result.stages if s.reused_from]
+    if reused:
+        console.print(f"reused unchanged: {', '.join(reused)} (their tables copied from the run that built them "
+                      "from the same inputs; --no-reuse rebuilds them)")
     console.print(f"results: {result.db_path} (schema run_{result.run_id}; latest tables as views in main)\n"
                   f"  retort show {result.stages[-1].name}    retort export {result.stages[-1].name} --format jsonl")
     for s in result.stages:

@@ -17,6 +17,7 @@ queue. Output rows and calls are group-committed by the cache.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hashlib
 import inspect
@@ -29,10 +30,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import duckdb
+import orjson
 import pyarrow as pa
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
-from retort import backends
+from retort import __version__, backends
 from retort.backends.base import Backend, Completion, Request
 from retort.cache import Cache, call_key, create, request_base
 from retort.datasets import read_table
@@ -68,6 +70,7 @@ class StageStats:
     seconds: float = 0.0
     error: str | None = None
     metrics: dict[str, float] | None = None  # what a Python stage returned as a dict (also in `metrics`)
+    reused_from: int | None = None  # the run whose table this stage copied, its fingerprint unchanged
 
     completed: int = 0  # samples whose row slot is settled (hit, call, shared in-flight call, or failure)
 
@@ -182,7 +185,7 @@ class Runner:
                  limit: int | None = None, model_targets: dict[str, dict[str, Any]] | None = None,
                  progress: Progress | None = None, max_retries: int = 5,
                  backend_factory: Callable[[str, dict[str, Any]], Backend] | None = None,
-                 argv: str = "") -> None:
+                 argv: str = "", reuse: bool = True) -> None:
         assert mode in ("run", "plan", "validate")
         self.ws, self.spec, self.src, self.cache = workspace, pipeline, source, cache
         self.mode, self.dry = mode, mode != "run"
@@ -193,6 +196,8 @@ class Runner:
         self.max_retries = max_retries
         self.backend_factory = backend_factory or (lambda name, config: backends.create(name, config, workspace))
         self.argv = argv
+        self.reuse = reuse and mode == "run"
+        self._digests: dict[str, str] = {}  # table → content digest, computed when a fingerprint needs it
         self._backends: dict[str, Backend] = {}
         self._limiters: dict[str, Limiter] = {}
         self._env: Any = None  # the workspace's Jinja environment, made on first use
@@ -326,6 +331,15 @@ class Runner:
         limit = self.limit or self.spec.input.limit
         if self.mode == "validate":
             limit = min(limit or 5, 5)
+        self.input_file = path
+        fingerprint = None
+        if self.reuse and path.is_file():  # the same bytes, mapping and limit: the same input table
+            with path.open("rb") as f:
+                content = hashlib.file_digest(f, "sha256").hexdigest()
+            fingerprint = hashlib.sha256(orjson.dumps(
+                [_engine_digest(), "input", content, path.suffix.lower(), self.columns, limit])).hexdigest()
+            if self._link("input", fingerprint) is not None:
+                return
         data = read_table(path, limit)
         data = data.append_column("_id", pa.array([str(i) for i in range(data.num_rows)], pa.string()))
         con = self.cache.con
@@ -347,8 +361,10 @@ class Runner:
                                 field="input.columns") from None
         finally:
             con.unregister("_source")
-        self.input_file = path
         self.cache.write_table(self.table("input"), mapped)
+        if fingerprint and self.run_id is not None:
+            self.cache.remember(fingerprint, self.run_id, "input", self.run_id,
+                                {"rows_out": mapped.num_rows, "digest": self._digest("input")})
 
     async def _run_stage(self, stage: Any, stats: StageStats) -> None:
         if isinstance(stage, PromptStage):
@@ -436,6 +452,9 @@ class Runner:
             self.backend(stage.model)  # an unknown model fails here, before any row
         elif stage.model.column not in columns:
             raise self._stage_error(stage, "model", f"column {stage.model.column!r} is not in {stage.from_}")
+        fingerprint = self._fingerprint(stage, template.digest(), parser.identity)
+        if fingerprint and self._reused(stage, stats, fingerprint):
+            return
         data = self._read_rows(stage, source, columns)
         stats.rows_in = data.num_rows
         total = data.num_rows * stage.samples
@@ -451,6 +470,68 @@ class Runner:
             keep = ", ".join(f'"{c}"' for c in columns if c not in LINEAGE and c not in parser.columns)
             self.cache.con.execute(f"{create(out_table)} AS SELECT {keep + ', ' if keep else ''}{new} "
                                    f"FROM {source} LIMIT 0")
+        self._remember(stage, stats, fingerprint)
+
+    # ------------------------------------------------------------ reuse of whole stage tables
+
+    def _fingerprint(self, stage: PromptStage | EmbedStage, *parts: str | None) -> str | None:
+        """What a model stage's table is a function of, hashed: retort's own code, the stage's settings,
+        the pipeline's params, the model's identity, the content of its `from` table, and `parts`
+        (the template with everything it includes, the parser with the code it runs).
+
+        An earlier run's table with the same fingerprint is the table this run would build (the
+        same requests, answered from the cache, parsed the same way), so it is copied instead.
+        None when that cannot be known: a per-row model, a template that picks what it includes
+        at render time, a `where:` with a subquery, a dry run, or `--no-reuse`.
+        """
+        if not self.reuse or not isinstance(stage.model, str) or any(p is None for p in parts):
+            return None
+        if stage.where and "select" in stage.where.lower():
+            return None  # a subquery can read any table, and which ones is not worth guessing
+        backend = self.backend(stage.model)
+        digest = hashlib.sha256(_engine_digest().encode())
+        for part in (stage.kind, stage.model_dump_json(by_alias=True),
+                     orjson.dumps(self.spec.params, option=orjson.OPT_SORT_KEYS, default=str).decode(),
+                     backend.identity, str(getattr(backend, "constrains_choices", False)),
+                     self._digest(stage.from_), *parts):
+            digest.update(b"\0" + str(part).encode())
+        return digest.hexdigest()
+
+    def _digest(self, name: str) -> str:
+        if name not in self._digests:
+            self.cache.flush()
+            self._digests[name] = self.cache.digest(self.table(name))
+        return self._digests[name]
+
+    def _reused(self, stage: PromptStage | EmbedStage, stats: StageStats, fingerprint: str) -> bool:
+        """Reuse the table of the latest run with this fingerprint, if its rows are kept: a view onto
+        them in this run's schema (no copy), and the counts it was built with."""
+        before = self._link(stage.name, fingerprint)
+        if before is None:
+            return False
+        stats.reused_from = before["run"]
+        for name in ("rows_in", "rows_out", "calls_needed", "parse_errors", "prompt_tokens", "completion_tokens"):
+            setattr(stats, name, before.get(name, 0))
+        stats.cache_hits = stats.completed = stats.calls_needed  # every call it stands for is in the cache
+        self.progress.stage_started(stats, stats.calls_needed)
+        self.progress.advance(stats)
+        return True
+
+    def _link(self, name: str, fingerprint: str) -> dict[str, Any] | None:
+        found = self.cache.recall(fingerprint, name)
+        if found is None:
+            return None
+        run_id, origin, before = found
+        self.cache.con.execute(f'CREATE VIEW {self.table(name)} AS SELECT * FROM run_{origin}."{name}"')
+        if before.get("digest"):
+            self._digests[name] = before["digest"]
+        return {**before, "run": run_id}
+
+    def _remember(self, stage: PromptStage | EmbedStage, stats: StageStats, fingerprint: str | None) -> None:
+        """A table built without a failed call can stand in for this fingerprint later."""
+        if fingerprint and not stats.failures and self.run_id is not None:
+            self.cache.remember(fingerprint, self.run_id, stage.name, self.run_id,
+                                {**asdict(stats), "digest": self._digest(stage.name)})
 
     # ------------------------------------------------------------ embed stages
 
@@ -468,6 +549,9 @@ class Runner:
         backend = self.backend(stage.model)
         if not hasattr(backend, "embed"):
             raise self._stage_error(stage, "model", f"model {stage.model!r} ({backend.identity}) has no embeddings")
+        fingerprint = self._fingerprint(stage)
+        if fingerprint and self._reused(stage, stats, fingerprint):
+            return
         data = self._read_rows(stage, source, columns)
         stats.rows_in = stats.calls_needed = data.num_rows
         self.progress.stage_started(stats, data.num_rows)
@@ -519,6 +603,7 @@ class Runner:
             self.cache.con.execute(f"{create(out_table)} AS SELECT {keep + ', ' if keep else ''}NULL::VARCHAR AS _id, "
                                    f"NULL::VARCHAR AS _parent, NULL::VARCHAR AS _error, "
                                    f'NULL::FLOAT[] AS "{stage.output}" FROM {source} LIMIT 0')
+        self._remember(stage, stats, fingerprint)
 
     async def _embed_group(self, backend: Any, limiter: Limiter, group: list[tuple[str, str]],
                            stats: StageStats) -> dict[str, list[float]]:
@@ -853,6 +938,16 @@ class _PromptExecution:
             self.sink.extend(rows)
         else:
             self.r.cache.add_rows(self.out_table, rows)
+
+
+@functools.cache
+def _engine_digest() -> str:
+    """retort's own code, in every stage fingerprint: an upgrade that changes how rows are built
+    (a parser, the template engine, the row layout) must not reuse tables built the old way."""
+    digest = hashlib.sha256(__version__.encode())
+    for file in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def _sql_literal(value: Any) -> str:

@@ -13,6 +13,7 @@ Variables are the row's columns, plus `params` (the pipeline's params) and
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -80,6 +81,27 @@ class Template:
     def from_file(cls, path: Path, name: str | None = None,
                   env: ImmutableSandboxedEnvironment | None = None) -> Template:
         return cls(path.read_text(encoding="utf-8"), name or str(path), env)
+
+    def digest(self) -> str | None:
+        """SHA-256 of this template's source and of every template it includes or imports, or None
+        when a reference is computed at render time (then what it renders cannot be known ahead)."""
+        h = hashlib.sha256(self.source.encode())
+        seen: set[str] = set()
+        pending = [self.ast]
+        while pending:
+            for ref in meta.find_referenced_templates(pending.pop()):
+                if ref is None or self.env.loader is None:
+                    return None
+                if ref in seen:
+                    continue
+                seen.add(ref)
+                try:
+                    source = self.env.loader.get_source(self.env, ref)[0]
+                except jinja2.TemplateNotFound:
+                    return None
+                h.update(b"\0" + ref.encode() + b"\0" + source.encode())
+                pending.append(self.env.parse(source))
+        return h.hexdigest()
 
     def variables(self) -> set[str]:
         return set(meta.find_undeclared_variables(self.ast)) - BUILTIN_NAMES
