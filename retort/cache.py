@@ -123,9 +123,9 @@ class Cache:
 
     def start_run(self, pipeline: str, spec_path: str, spec_hash: str, argv: str) -> int:
         with self._transaction():
-            run_id = int(self.con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchall()[0][0])  # type: ignore[index]
-            self.con.execute("INSERT INTO runs VALUES (?, ?, ?, ?, now(), NULL, 'running', ?, NULL)",
-                             [run_id, pipeline, spec_path, spec_hash, argv])
+            run_id = int(self.con.execute(
+                "INSERT INTO runs SELECT coalesce(max(run_id), 0) + 1, ?, ?, ?, now(), NULL, 'running', ?, NULL "
+                "FROM runs RETURNING run_id", [pipeline, spec_path, spec_hash, argv]).fetchall()[0][0])
             self.con.execute(f"CREATE SCHEMA IF NOT EXISTS run_{run_id}")
         return run_id
 
@@ -134,17 +134,18 @@ class Cache:
         folds the write-ahead log into the file once it passes 16 MB, and when the cache closes."""
         self.flush()
         stages = set(stages)
+        schema = f"run_{run_id}"
         with self._transaction():
-            produced = {r[0] for r in self.con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = ? "
-                                                       "UNION ALL SELECT view_name FROM duckdb_views() "
-                                                       "WHERE schema_name = ?", [f"run_{run_id}"] * 2).fetchall()}
+            found = self.con.execute(
+                "SELECT schema_name, table_name FROM duckdb_tables() WHERE schema_name = ? UNION ALL "
+                "SELECT schema_name, view_name FROM duckdb_views() WHERE schema_name IN (?, 'main') AND NOT internal",
+                [schema, schema]).fetchall()
+            produced = {name for where, name in found if where == schema}
             for name in sorted(produced):  # stage tables and the extra tables stages keep (`<stage>__<suffix>`)
                 if name in stages or name.split("__")[0] in stages:
-                    self.con.execute(f'CREATE OR REPLACE VIEW main."{name}" AS SELECT * FROM run_{run_id}."{name}"')
-            views = [r[0] for r in self.con.execute("SELECT view_name FROM duckdb_views() WHERE "
-                                                    "schema_name = 'main' AND NOT internal").fetchall()]
-            for name in views:  # a table this pipeline's stages made before but not this time: no stale view
-                if name.split("__")[0] in stages and name not in produced:
+                    self.con.execute(f'CREATE OR REPLACE VIEW main."{name}" AS SELECT * FROM {schema}."{name}"')
+            for where, name in found:  # a table this pipeline's stages made before but not this time: no stale view
+                if where == "main" and name.split("__")[0] in stages and name not in produced:
                     self.con.execute(f'DROP VIEW main."{name}"')
             self.con.execute("UPDATE runs SET finished_at = now(), status = ?, stats = ? WHERE run_id = ?",
                              [status, orjson.dumps(stats).decode(), run_id])
@@ -152,6 +153,8 @@ class Cache:
 
     def _prune(self, run_id: int) -> None:
         """Keep the stage tables of the last KEEP_RUNS runs; calls are kept forever."""
+        if run_id <= KEEP_RUNS:
+            return
         for (schema,) in self.con.execute(
                 "SELECT schema_name FROM duckdb_schemas() WHERE schema_name LIKE 'run_%' "
                 "AND TRY_CAST(substr(schema_name, 5) AS INTEGER) <= ?", [run_id - KEEP_RUNS]).fetchall():
@@ -197,25 +200,35 @@ class Cache:
             f"SELECT count(*), sum(hash(t))::HUGEINT, bit_xor(hash(t)) FROM {table} t").fetchall()[0]
         return hashlib.sha256(repr(([c[:2] for c in columns], count, total, mixed)).encode()).hexdigest()
 
-    def recall(self, fingerprint: str, stage: str) -> tuple[int, int, dict[str, Any]] | None:
-        """The latest run that built `stage` with this fingerprint, and whose rows are still kept:
-        (that run, the run whose schema holds the rows, the stage's counts then)."""
+    def builds(self, stages: Iterable[str]) -> dict[tuple[str, str], tuple[int, int, str]]:
+        """(stage, fingerprint) → (the latest run that built it, the run whose schema holds the rows, its
+        counts as JSON), for the given stage names, among builds whose rows are still kept. Two queries
+        for a whole run, whatever its number of stages."""
+        kept = self.con.execute("SELECT schema_name, table_name FROM duckdb_tables() "
+                                "WHERE schema_name LIKE 'run_%'").fetchall()
+        tables = {(int(schema[4:]), name) for schema, name in kept if schema[4:].isdigit()}
+        names = sorted(set(stages))
+        if not tables or not names:
+            return {}
+        origins = sorted({origin for origin, _ in tables})
+        marks = ", ".join("?" * len(names))
         rows = self.con.execute(
-            "SELECT m.run_id, m.origin, m.stats FROM memo m JOIN duckdb_tables() t "
-            "ON t.schema_name = 'run_' || m.origin AND t.table_name = m.stage "
-            "WHERE m.fingerprint = ? AND m.stage = ? ORDER BY m.run_id DESC LIMIT 1", [fingerprint, stage]).fetchall()
-        return (int(rows[0][0]), int(rows[0][1]), orjson.loads(rows[0][2])) if rows else None
+            f"SELECT stage, fingerprint, run_id, origin, stats FROM memo WHERE stage IN ({marks}) "
+            f"AND origin IN ({', '.join(str(o) for o in origins)}) ORDER BY run_id", names).fetchall()
+        return {(stage, fp): (int(run_id), int(origin), stats) for stage, fp, run_id, origin, stats in rows
+                if (origin, stage) in tables}
 
     def remember(self, fingerprint: str, run_id: int, stage: str, origin: int, stats: dict[str, Any]) -> None:
         self.con.execute("INSERT INTO memo VALUES (?, ?, ?, ?, ?, now())",
                          [fingerprint, run_id, stage, origin, orjson.dumps(stats).decode()])
 
     def table_exists(self, schema: str, name: str) -> bool:
-        column = "database_name" if schema == "temp" else "schema_name"  # temp tables: catalog temp, schema main
-        return bool(self.con.execute(
-            f"SELECT count(*) FROM (SELECT database_name, schema_name, table_name FROM duckdb_tables() UNION ALL "
-            f"SELECT database_name, schema_name, view_name FROM duckdb_views()) WHERE {column} = ? AND table_name = ?",
-            [schema, name]).fetchall()[0][0])
+        """Whether `schema."name"` is a table or view (schema `temp`: a dry run's temporary table)."""
+        try:  # binding a query is the cheapest test (a catalog scan costs several times more)
+            self.con.execute(f'SELECT NULL FROM {schema}."{name}" LIMIT 0')
+        except duckdb.CatalogException:
+            return False
+        return True
 
     # ------------------------------------------------------------ calls
 

@@ -198,6 +198,8 @@ class Runner:
         self.argv = argv
         self.reuse = reuse and mode == "run"
         self._digests: dict[str, str] = {}  # table → content digest, computed when a fingerprint needs it
+        self._builds: dict[tuple[str, str], tuple[int, int, str]] = {}  # (stage, fingerprint) → an earlier build
+        self._known: dict[str, list[str]] = {}  # columns of the tables this run reused
         self._backends: dict[str, Backend] = {}
         self._limiters: dict[str, Limiter] = {}
         self._env: Any = None  # the workspace's Jinja environment, made on first use
@@ -270,6 +272,8 @@ class Runner:
             self.run_id = self.cache.start_run(result.pipeline, self.src.file, spec_hash, self.argv)
             result.run_id = self.run_id
             self.schema = f"run_{self.run_id}"
+            if self.reuse:
+                self._builds = self.cache.builds(["input", *(s.name for s in self.spec.stages)])
         # A run allocates millions of short-lived objects and few long-lived ones: collecting the
         # youngest generation every 700 allocations cost 20-40 us per call in the throughput benchmark.
         threshold = gc.get_threshold()
@@ -364,7 +368,8 @@ class Runner:
         self.cache.write_table(self.table("input"), mapped)
         if fingerprint and self.run_id is not None:
             self.cache.remember(fingerprint, self.run_id, "input", self.run_id,
-                                {"rows_out": mapped.num_rows, "digest": self._digest("input")})
+                                {"rows_out": mapped.num_rows, "digest": self._digest("input"),
+                                 "columns": mapped.column_names})
 
     async def _run_stage(self, stage: Any, stats: StageStats) -> None:
         if isinstance(stage, PromptStage):
@@ -385,6 +390,8 @@ class Runner:
                          field=f"stages[{loc[1]}] ({stage.name}).{field_name}")
 
     def _columns(self, name: str) -> list[str]:
+        if name in self._known:
+            return list(self._known[name])
         rows = self.cache.con.execute(f"DESCRIBE {self.table(name)}").fetchall()
         return [r[0] for r in rows]
 
@@ -393,7 +400,7 @@ class Runner:
         if name not in earlier:
             raise self._stage_error(stage, "from", f"no table {name!r} before this stage "
                                                    f"(tables: {', '.join(earlier)})")
-        if not self.cache.table_exists(self.schema, name):
+        if name not in self._known and not self.cache.table_exists(self.schema, name):
             raise RetortError(f"stage {stage.name}: its input table {name!r} was not produced "
                               "(an earlier stage failed)")
         return self.table(name)
@@ -518,20 +525,24 @@ class Runner:
         return True
 
     def _link(self, name: str, fingerprint: str) -> dict[str, Any] | None:
-        found = self.cache.recall(fingerprint, name)
+        found = self._builds.get((name, fingerprint))
         if found is None:
             return None
-        run_id, origin, before = found
+        run_id, origin, counts = found
+        before = orjson.loads(counts)
         self.cache.con.execute(f'CREATE VIEW {self.table(name)} AS SELECT * FROM run_{origin}."{name}"')
         if before.get("digest"):
             self._digests[name] = before["digest"]
+        if before.get("columns"):
+            self._known[name] = before["columns"]
         return {**before, "run": run_id}
 
     def _remember(self, stage: PromptStage | EmbedStage, stats: StageStats, fingerprint: str | None) -> None:
         """A table built without a failed call can stand in for this fingerprint later."""
         if fingerprint and not stats.failures and self.run_id is not None:
             self.cache.remember(fingerprint, self.run_id, stage.name, self.run_id,
-                                {**asdict(stats), "digest": self._digest(stage.name)})
+                                {**asdict(stats), "digest": self._digest(stage.name),
+                                 "columns": self._columns(stage.name)})
 
     # ------------------------------------------------------------ embed stages
 
