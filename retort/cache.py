@@ -108,6 +108,7 @@ class Cache:
         self.con.execute("SET enable_external_access = false")
         if not read_only:
             self.con.execute(DDL)
+        self._held = False  # a transaction start_run left open (see release)
         self._calls: list[tuple[Any, ...]] = []
         self._call_index: dict[str, tuple[str, int, int]] = {}
         self._rows: dict[str, list[dict[str, Any]]] = {}
@@ -121,13 +122,30 @@ class Cache:
 
     # ------------------------------------------------------------ runs
 
-    def start_run(self, pipeline: str, spec_path: str, spec_hash: str, argv: str) -> int:
-        with self._transaction():
+    def start_run(self, pipeline: str, spec_path: str, spec_hash: str, argv: str, *, hold: bool = False) -> int:
+        """Record a new run and make its schema. With `hold`, the transaction stays open until the
+        first write that needs its own (`release`): a rerun whose stages are all reused then
+        commits once, in finish_run, instead of once per statement."""
+        self.con.execute("BEGIN")
+        self._held = True
+        try:
             run_id = int(self.con.execute(
                 "INSERT INTO runs SELECT coalesce(max(run_id), 0) + 1, ?, ?, ?, now(), NULL, 'running', ?, NULL "
                 "FROM runs RETURNING run_id", [pipeline, spec_path, spec_hash, argv]).fetchall()[0][0])
             self.con.execute(f"CREATE SCHEMA IF NOT EXISTS run_{run_id}")
+        except BaseException:
+            self._held = False
+            self.con.execute("ROLLBACK")
+            raise
+        if not hold:
+            self.release()
         return run_id
+
+    def release(self) -> None:
+        """Commit what start_run held open, if anything."""
+        if self._held:
+            self._held = False
+            self.con.execute("COMMIT")
 
     def finish_run(self, run_id: int, status: str, stats: dict[str, Any], stages: Iterable[str]) -> None:
         """Point main's views at this run's tables and close its record. No CHECKPOINT here: DuckDB
@@ -169,8 +187,11 @@ class Cache:
         for schema, view, sql in self.con.execute(
                 "SELECT schema_name, view_name, sql FROM duckdb_views() WHERE schema_name LIKE 'run_%' "
                 "AND NOT internal").fetchall():
+            if schema == f"run_{old}":
+                continue  # dropped with it
+            body = sql.split(" AS ", 1)[-1]  # what the view selects from, not its own name
             name = re.escape(view)  # DuckDB keeps the quotes of the view's SQL only where they are needed
-            if re.search(rf'\brun_{old}\.(?:"{name}"|{name}\b)', sql):
+            if re.search(rf'\brun_{old}\.(?:"{name}"|{name}\b)', body):
                 holders.setdefault(view, []).append(int(schema[4:]))
         for name, runs in holders.items():
             keeper, *others = sorted(runs, reverse=True)
@@ -182,7 +203,10 @@ class Cache:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        self.con.execute("BEGIN")
+        if self._held:  # this transaction takes over the one start_run held open
+            self._held = False
+        else:
+            self.con.execute("BEGIN")
         try:
             yield
         except BaseException:
@@ -219,11 +243,18 @@ class Cache:
                 if (origin, stage) in tables}
 
     def remember(self, fingerprint: str, run_id: int, stage: str, origin: int, stats: dict[str, Any]) -> None:
+        self.release()
         self.con.execute("INSERT INTO memo VALUES (?, ?, ?, ?, ?, now())",
                          [fingerprint, run_id, stage, origin, orjson.dumps(stats).decode()])
 
     def table_exists(self, schema: str, name: str) -> bool:
         """Whether `schema."name"` is a table or view (schema `temp`: a dry run's temporary table)."""
+        if self._held:  # a failed bind would abort the held transaction: ask the catalog instead
+            column = "database_name" if schema == "temp" else "schema_name"
+            return bool(self.con.execute(
+                f"SELECT count(*) FROM (SELECT database_name, schema_name, table_name FROM duckdb_tables() UNION ALL "
+                f"SELECT database_name, schema_name, view_name FROM duckdb_views()) WHERE {column} = ? "
+                f"AND table_name = ?", [schema, name]).fetchall()[0][0])
         try:  # binding a query is the cheapest test (a catalog scan costs several times more)
             self.con.execute(f'SELECT NULL FROM {schema}."{name}" LIMIT 0')
         except duckdb.CatalogException:
@@ -288,6 +319,7 @@ class Cache:
 
     def write_table(self, table: str, data: pa.Table) -> None:
         """Create or replace a whole table from Arrow (input tables, SQL and Python stage results)."""
+        self.release()
         data = _nulls_as_strings(data)
         self.con.register("_batch", data)
         try:
@@ -297,6 +329,7 @@ class Cache:
         self._created.add(table)
 
     def drop_table(self, table: str) -> None:
+        self.release()
         self.con.execute(f"DROP TABLE IF EXISTS {table}")
         self._created.discard(table)
         self._rows.pop(table, None)
@@ -317,6 +350,7 @@ class Cache:
         self.last_flush = time.monotonic()
         if not (calls or rows or failures or vectors):
             return
+        self.release()
         now = pa.scalar(time.time_ns() // 1000, pa.timestamp("us"))
         self.con.execute("BEGIN")
         try:
@@ -370,6 +404,7 @@ class Cache:
     def close(self) -> None:
         try:
             self.flush()
+            self.release()
         finally:
             self.con.close()
 

@@ -269,7 +269,9 @@ class Runner:
         if self.mode == "run":
             text = Path(self.src.file).read_bytes() if Path(self.src.file).is_file() else b""
             spec_hash = hashlib.sha256(text + self.spec.model_dump_json().encode()).hexdigest()[:16]
-            self.run_id = self.cache.start_run(result.pipeline, self.src.file, spec_hash, self.argv)
+            # Held open while stages are only reused (views): a wholly reused rerun commits once.
+            self.run_id = self.cache.start_run(result.pipeline, self.src.file, spec_hash, self.argv,
+                                               hold=self.reuse)
             result.run_id = self.run_id
             self.schema = f"run_{self.run_id}"
             if self.reuse:
@@ -344,6 +346,7 @@ class Runner:
                 [_engine_digest(), "input", content, path.suffix.lower(), self.columns, limit])).hexdigest()
             if self._link("input", fingerprint) is not None:
                 return
+        self.cache.release()
         data = read_table(path, limit)
         data = data.append_column("_id", pa.array([str(i) for i in range(data.num_rows)], pa.string()))
         con = self.cache.con
@@ -375,8 +378,10 @@ class Runner:
         if isinstance(stage, PromptStage):
             await self._prompt_stage(stage, stats)
         elif isinstance(stage, SqlStage):
+            self.cache.release()  # user SQL that fails must not take the held transaction with it
             self._sql_stage(stage, stats)
         elif isinstance(stage, PythonStage):
+            self.cache.release()
             await self._python_stage(stage, stats)
         else:
             await self._embed_stage(stage, stats)
@@ -462,6 +467,7 @@ class Runner:
         fingerprint = self._fingerprint(stage, template.digest(), parser.identity)
         if fingerprint and self._reused(stage, stats, fingerprint):
             return
+        self.cache.release()
         data = self._read_rows(stage, source, columns)
         stats.rows_in = data.num_rows
         total = data.num_rows * stage.samples
@@ -563,6 +569,7 @@ class Runner:
         fingerprint = self._fingerprint(stage)
         if fingerprint and self._reused(stage, stats, fingerprint):
             return
+        self.cache.release()
         data = self._read_rows(stage, source, columns)
         stats.rows_in = stats.calls_needed = data.num_rows
         self.progress.stage_started(stats, data.num_rows)

@@ -167,3 +167,21 @@ def test_the_input_table_is_reused_only_while_the_file_is_unchanged(workspace: P
     third = run(workspace, path, ScriptedBackend(function=reply))
     assert db_rows(workspace, is_view.format(3)) == [(0,)]
     assert third.stages[0].rows_out == 5 and third.stages[0].reused_from is None
+
+
+def test_reruns_past_the_kept_runs_keep_their_rows(workspace: Path) -> None:
+    from retort.cache import KEEP_RUNS
+
+    path = make(workspace, CHAIN)
+    first = run(workspace, path, ScriptedBackend(function=reply))
+    expected = {name: table(workspace, name, 1) for name in ("input", "ask", "judge", "right")}
+    for _ in range(KEEP_RUNS + 2):  # runs 1 and 2 are pruned along the way; every later run reused run 1
+        last = run(workspace, path, ScriptedBackend(function=reply))
+        assert [s.reused_from for s in last.stages] == [1, 1, None]
+    assert last.run_id == KEEP_RUNS + 3
+    kept = db_rows(workspace, "SELECT schema_name FROM duckdb_schemas() WHERE schema_name LIKE 'run_%'")
+    assert len(kept) == KEEP_RUNS
+    for run_id in range(4, KEEP_RUNS + 4):  # every kept run still reads the rows run 1 built
+        for name, rows in expected.items():
+            assert table(workspace, name, run_id) == rows
+    assert first.stages[1].rows_out == len(expected["judge"])
