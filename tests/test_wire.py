@@ -252,3 +252,9 @@ def test_https_with_a_verified_certificate(tmp_path: Path) -> None:
             await pool.request("POST", "/", b"secret", timeout=5)
 
     serve(counting(lambda line, body: ok(body)), untrusted, ssl_server=server_ctx)
+
+
+def test_bytes_past_the_announced_length_retire_the_connection() -> None:
+    per_connection = serve(counting(lambda line, body: ok(b"{}") + b"HTTP/1.1 200 OK\r\n"),
+                           lambda pool: _times(pool, 2))
+    assert len(per_connection) == 2  # the second request could not trust the first connection's framing

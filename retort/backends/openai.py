@@ -266,25 +266,44 @@ class OpenAIBackend:
         server is up: some servers have no /models or guard it, so a 401 or 404 is not fatal.
         """
         served: list[str] | None = None
+        for url in self.base_urls:
+            ids = self._model_ids(await (self._list_wire(url) if self.transport == "fast" else self._list_aiohttp(url)))
+            if ids is not None:
+                served = served or []
+                served += [i for i in ids if i not in served]
+        self.served_models = served
+        return served
+
+    async def _list_wire(self, url: str) -> bytes:
+        """GET {url}/models over our own client (what the calls will use): b"" unless it answers 200."""
+        parts = urlsplit(url)
+        try:
+            pool = Pool(f"{parts.scheme}://{parts.netloc}", headers=self._headers, limit=1)
+        except ValueError as e:
+            raise self._unreachable(url, f"invalid URL: {e}") from None
+        try:
+            status, _, content = await pool.request("GET", f"{parts.path}/models", timeout=CHECK_TIMEOUT)
+        except TimeoutError:
+            raise self._unreachable(url, f"no answer within {CHECK_TIMEOUT:g}s") from None
+        except OSError as e:
+            raise self._unreachable(url, str(e) or type(e).__name__) from e
+        finally:
+            await pool.close()
+        return content if status == 200 else b""
+
+    async def _list_aiohttp(self, url: str) -> bytes:
         timeout = aiohttp.ClientTimeout(total=CHECK_TIMEOUT)
         async with aiohttp.ClientSession(timeout=timeout, headers=self._headers,
                                          trust_env=_proxy_configured()) as session:
-            for url in self.base_urls:
-                try:
-                    async with session.get(f"{url}/models") as resp:
-                        content = await resp.read() if resp.status == 200 else b""
-                except TimeoutError:
-                    raise self._unreachable(url, f"no answer within {CHECK_TIMEOUT:g}s") from None
-                except aiohttp.ClientConnectorError as e:
-                    raise self._unreachable(url, str(e.os_error)) from e
-                except (aiohttp.ClientError, OSError) as e:
-                    raise self._unreachable(url, f"{type(e).__name__}: {e}") from e
-                ids = self._model_ids(content)
-                if ids is not None:
-                    served = served or []
-                    served += [i for i in ids if i not in served]
-        self.served_models = served
-        return served
+            try:
+                async with session.get(f"{url}/models") as resp:
+                    return await resp.read() if resp.status == 200 else b""
+            except TimeoutError:
+                raise self._unreachable(url, f"no answer within {CHECK_TIMEOUT:g}s") from None
+            except aiohttp.ClientConnectorError as e:
+                raise self._unreachable(url, str(e.os_error)) from e
+            except (aiohttp.ClientError, OSError) as e:
+                raise self._unreachable(url, f"{type(e).__name__}: {e}") from e
 
     async def aclose(self) -> None:
         if self._pools is not None:

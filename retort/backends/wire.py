@@ -108,6 +108,9 @@ class _Connection(asyncio.Protocol):
 
     def _finish(self, body: bytes) -> None:
         self.used = True
+        if self.buffer:  # bytes past the end of the response: the next one could not be framed
+            self.keep_alive = False
+            self.buffer.clear()
         if not self.keep_alive:
             self.close()
         if self.waiter is not None and not self.waiter.done():
@@ -149,9 +152,7 @@ class _Connection(asyncio.Protocol):
             self._parse_chunks()
         elif self.length >= 0 and len(buf) >= self.length:
             body = bytes(buf[:self.length])
-            if len(buf) > self.length:  # more than was announced: the next response cannot be framed
-                self.keep_alive = False
-            buf.clear()
+            del buf[:self.length]
             self._finish(body)
         elif self.until_close:
             self.body += buf
