@@ -25,7 +25,9 @@ itself in git), created and filled from PyPI on first use with the pinned versio
 and runs bench/peers/<peer>_peer.py with that venv's python. A peer's time is that of its
 generation call alone (imports and dataset building excluded), as the peer script measures
 it; the process's whole wall time, imports included, is printed too. retort's is
-Runner.execute() (input load, preflight, calls, DuckDB writes), in process.
+Runner.execute() (input load, preflight, calls, DuckDB writes), in process; then the same
+job runs as `retort run` commands in a subprocess (a fresh workspace, then its cached
+rerun), for the process columns: what a user waits for, imports included.
 
 No traffic leaves the machine: each peer gets base_url http://127.0.0.1:PORT/v1 and a dummy
 key, its telemetry switched off (see OFFLINE_ENV), Hugging Face offline, litellm's local cost
@@ -215,12 +217,37 @@ async def retort_thrice(url: str, n: int, concurrency: int) -> tuple[float, floa
         return t1.seconds, t2.seconds, t3.seconds, (middle - before, served(url) - middle)
 
 
+def retort_commands(url: str, n: int, concurrency: int) -> tuple[PeerRun, PeerRun]:
+    """The same job as commands, `retort run` twice in a subprocess on a fresh workspace: what a
+    user waits for, interpreter start and imports included (as the peers' process columns)."""
+    with tempfile.TemporaryDirectory(prefix="retort-cli-") as tmp:
+        spec = bt.make_workspace(Path(tmp), url, "stub", n, concurrency)
+        runs = []
+        for _ in range(2):
+            before = served(url)
+            start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+            proc = subprocess.run([sys.executable, str(BENCH.parent / "cli.py"), "-C", tmp, "run", str(spec),
+                                   "-q", "--json"], capture_output=True, text=True, timeout=3600)
+            seconds = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if proc.returncode != 0:
+                raise RuntimeError(f"retort run failed: {proc.stderr[-2000:]}")
+            result = json.loads(proc.stdout)
+            if result["stages"][0]["rows_out"] != n:
+                raise RuntimeError(f"retort run: {result['stages'][0]['rows_out']} rows out, expected {n}")
+            runs.append(PeerRun(result["seconds"], seconds,
+                                after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime,
+                                served(url) - before, n, ""))
+        return runs[0], runs[1]
+
+
 @dataclass
 class Row:
     first: list[float] = field(default_factory=list)  # seconds
     rerun: list[float] = field(default_factory=list)
     replay: list[float] = field(default_factory=list)  # retort only: the rerun with --no-reuse
     process: list[float] = field(default_factory=list)
+    rerun_process: list[float] = field(default_factory=list)  # the cached rerun as a whole command
     process_cpu: list[float] = field(default_factory=list)
     requests: tuple[int, int | None] | None = None  # HTTP calls the stub served: first run, rerun
     version: str = ""
@@ -264,6 +291,7 @@ def main() -> None:
                     row.first.append(a.seconds)
                     row.rerun.append(b.seconds)
                     row.process.append(a.process_seconds)
+                    row.rerun_process.append(b.process_seconds)
                     row.process_cpu.append(a.process_cpu)
                     row.requests, row.version = (a.requests, b.requests), a.version
                     print(f"  round {round_}  {name:<11} first {args.n / a.seconds:8,.0f} req/s ({a.seconds:.2f} s, "
@@ -278,6 +306,13 @@ def main() -> None:
                     from importlib.metadata import version
 
                     row.version = version("retort")
+                    a, b = retort_commands(url, args.n, args.concurrency)
+                    row.process.append(a.process_seconds)
+                    row.rerun_process.append(b.process_seconds)
+                    row.process_cpu.append(a.process_cpu)
+                    print(f"  round {round_}  {name:<11} as commands: `retort run` {a.process_seconds:.1f} s "
+                          f"(CPU {a.process_cpu:.1f} s, {a.requests} HTTP requests), cached rerun "
+                          f"{b.process_seconds:.2f} s ({b.requests} HTTP requests)", flush=True)
                     print(f"  round {round_}  {name:<11} first {args.n / first:8,.0f} req/s ({first:.2f} s)   rerun "
                           f"{args.n / rerun:9,.0f} rows/s ({rerun:.3f} s)   rerun --no-reuse "
                           f"{args.n / replay:9,.0f} rows/s ({replay:.3f} s)", flush=True)
@@ -296,7 +331,8 @@ def main() -> None:
     bare = args.n / min(rows["bare"].first) if "bare" in rows else None
     print(f"\nbest of {args.repeat}; n = {args.n}, concurrency {args.concurrency}; ratios to the bare aiohttp loop")
     header = (f"{'contender':<24} {'req/s (first run)':>18} {'cached rerun rows/s':>20} {'per-row replay':>15} "
-              f"{'ratio':>6} {'HTTP calls first/rerun':>23} {'process s':>10} {'process CPU s':>14}")
+              f"{'ratio':>6} {'HTTP calls first/rerun':>23} {'process s':>10} {'process CPU s':>14} "
+              f"{'rerun process s':>16}")
     print(header)
     print("-" * len(header))
     results = {}
@@ -309,16 +345,18 @@ def main() -> None:
             f"{row.requests[0]}" if row.requests else "-"
         process = f"{min(row.process):.1f}" if row.process else "-"
         process_cpu = f"{min(row.process_cpu):.1f}" if row.process_cpu else "-"
+        rerun_process = f"{min(row.rerun_process):.2f}" if row.rerun_process else "-"
         label = f"{name} {row.version}".strip()
         print(f"{label[:24]:<24} {rate:>18,.0f} {rerun_cell:>20} {replay_cell:>15} {ratio:>6} {calls:>23} "
-              f"{process:>10} {process_cpu:>14}")
+              f"{process:>10} {process_cpu:>14} {rerun_process:>16}")
         results[name] = {"version": row.version, "first_seconds": min(row.first), "req_per_s": rate,
                          "rerun_seconds": min(row.rerun) if row.rerun else None,
                          "rerun_rows_per_s": args.n / min(row.rerun) if row.rerun else None,
                          "replay_rows_per_s": args.n / min(row.replay) if row.replay else None,
                          "ratio_to_bare": rate / bare if bare else None, "http_requests": row.requests,
                          "process_seconds": min(row.process) if row.process else None,
-                         "process_cpu_seconds": min(row.process_cpu) if row.process_cpu else None}
+                         "process_cpu_seconds": min(row.process_cpu) if row.process_cpu else None,
+                         "rerun_process_seconds": min(row.rerun_process) if row.rerun_process else None}
     if args.json:
         args.json.write_text(json.dumps({"n": args.n, "concurrency": args.concurrency, "repeat": args.repeat,
                                          "results": results}, indent=2))

@@ -15,9 +15,11 @@ OpenAI-compatible server needs, for a fraction of the cost (bench/bench_throughp
 - http and https (the system's trusted CAs, hostname checked);
 - response bodies framed by Content-Length, chunked transfer coding, or the close of the
   connection; 1xx interim responses skipped; `Connection: close` honoured;
-- one deadline per request (connect, send and receive), one timer handle each;
-- a kept-alive connection that the server closed just as it was reused (nothing received)
-  is retried once on a new connection, as urllib3 does. Any other failure is the caller's.
+- one deadline per request (connect, send and receive), one timer handle each.
+
+It never retries: a request on a connection the server dropped raises ProtocolError (an
+OSError), and the runner's retries, with their accounting, decide what happens next. A
+kept-alive connection the server closes while idle leaves the pool when its FIN arrives.
 
 Not here, by design: proxies, redirects, cookies, compression, request streaming,
 HTTP/2. The OpenAI backend uses aiohttp whenever a proxy is configured for the host.
@@ -45,10 +47,8 @@ class _Connection(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.used = False  # has carried a complete request and response
         self.waiter: asyncio.Future[tuple[int, dict[str, str], bytes]] | None = None
         self.buffer = bytearray()
-        self.received = False  # any byte of the current response has arrived
         self._reset()
 
     def _reset(self) -> None:
@@ -70,7 +70,6 @@ class _Connection(asyncio.Protocol):
             # Bytes nobody asked for (or after a timeout): this connection's framing is lost.
             self.close()
             return
-        self.received = True
         self.buffer += data
         try:
             self._parse()
@@ -92,7 +91,6 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> asyncio.Future[tuple[int, dict[str, str], bytes]]:
         assert self.transport is not None
         self.waiter = self.loop.create_future()
-        self.received = False
         self._reset()
         self.transport.write(data)
         return self.waiter
@@ -107,7 +105,6 @@ class _Connection(asyncio.Protocol):
             self.waiter.set_exception(exc)
 
     def _finish(self, body: bytes) -> None:
-        self.used = True
         if self.buffer:  # bytes past the end of the response: the next one could not be framed
             self.keep_alive = False
             self.buffer.clear()
@@ -223,19 +220,11 @@ class Pool:
         deadline = None if timeout is None else loop.time() + timeout
         await self._slot()
         try:
-            for attempt in (0, 1):
-                conn = await self._connection(loop, deadline)
-                stale_risk = conn.used
-                try:
-                    return await self._exchange(loop, conn, data, deadline)
-                except ProtocolError:
-                    # The server closed a kept-alive connection as we reused it: once more, on a new one.
-                    if attempt == 0 and stale_risk and not conn.received:
-                        continue
-                    raise
-                finally:
-                    self._release(conn)
-            raise AssertionError("unreachable")
+            conn = await self._connection(loop, deadline)
+            try:
+                return await self._exchange(loop, conn, data, deadline)
+            finally:
+                self._release(conn)
         finally:
             self._open_slot()
 
