@@ -312,13 +312,14 @@ UNITS = {"retort_cached": "rows/s", "retort_replayed": "hits/s", "retort_engine"
 
 # --- the harness --------------------------------------------------------------------------
 
-def start_stub_process(latency: float = 0.0) -> tuple[subprocess.Popen[str], str]:
+def start_stub_process(latency: float = 0.0, jitter: float = 0.0) -> tuple[subprocess.Popen[str], str]:
     """Start bench/stub_server.py on a free port; its first stdout line is its URL.
 
     `latency` > 0 holds every answer that long (the stub's slow path at rate 1), like a server
     that takes time to generate: then the ceiling is concurrency / latency, not the client's CPU.
+    `jitter` j draws each hold from latency * [1 - j, 1 + j] instead.
     """
-    extra = ["--slow-rate", "1", "--slow-seconds", str(latency)] if latency > 0 else []
+    extra = ["--slow-rate", "1", "--slow-seconds", str(latency), "--slow-jitter", str(jitter)] if latency > 0 else []
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("stub_server.py")), "--port", "0", *extra],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -374,11 +375,13 @@ def main() -> None:
     parser.add_argument("--model", default="stub", help="model name sent in each request")
     parser.add_argument("--stub-latency", type=float, default=0.0, metavar="SECONDS",
                         help="the stub holds every answer this long (default 0: answers at once)")
+    parser.add_argument("--stub-jitter", type=float, default=0.0, metavar="J",
+                        help="each hold drawn from latency * [1 - J, 1 + J] (default 0: all alike)")
     parser.add_argument("--profile", metavar="FILE",
                         help="cProfile the timed retort runs (retort_e2e, retort_cached) into FILE (pstats)")
     args = parser.parse_args()
 
-    proc, url = (None, args.url) if args.url else start_stub_process(args.stub_latency)
+    proc, url = (None, args.url) if args.url else start_stub_process(args.stub_latency, args.stub_jitter)
     target = Target(url=url.rstrip("/"), model=args.model)
     names = args.only or list(CONTENDERS)
     if args.profile:

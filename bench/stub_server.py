@@ -17,7 +17,8 @@ draw when no fault is configured.
 
 Faults, drawn independently per request from a seeded RNG:
   fail_rate                 answer 429 (with Retry-After) or 500, half and half
-  slow_rate, slow_seconds   wait before answering
+  slow_rate, slow_seconds   wait before answering (slow_jitter j: a uniform draw in
+                            slow_seconds * [1 - j, 1 + j], as a real server's varies)
   drop_rate                 close the connection without an answer
 A request can also force its own answer through extra_body, so tests need no RNG:
   "stub_status": 400        answer with this status and an OpenAI-style error body
@@ -46,6 +47,7 @@ class Faults:
     fail_rate: float = 0.0
     slow_rate: float = 0.0
     slow_seconds: float = 1.0
+    slow_jitter: float = 0.0
     drop_rate: float = 0.0
     seed: int = 0
 
@@ -112,7 +114,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if faults.fail_rate and rng.random() < faults.fail_rate:
             return _error(429, "1") if rng.random() < 0.5 else _error(500)
         if faults.slow_rate and rng.random() < faults.slow_rate:
-            await asyncio.sleep(faults.slow_seconds)
+            jitter = faults.slow_jitter
+            await asyncio.sleep(faults.slow_seconds * (1 + jitter * (2 * rng.random() - 1) if jitter else 1))
 
     messages = body.get("messages") or []
     prompt = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
@@ -166,14 +169,15 @@ def make_app(faults: Faults, models: tuple[str, ...] = ("stub",)) -> web.Applica
 
 
 async def start_stub(port: int = 0, *, models: tuple[str, ...] = ("stub",), fail_rate: float = 0.0,
-                     slow_rate: float = 0.0, slow_seconds: float = 1.0, drop_rate: float = 0.0,
+                     slow_rate: float = 0.0, slow_seconds: float = 1.0, slow_jitter: float = 0.0,
+                     drop_rate: float = 0.0,
                      seed: int = 0) -> tuple[web.AppRunner, str]:
     """Serve on 127.0.0.1:`port` (0 = any free port); return the runner and the base URL (…/v1).
 
     The caller owns the runner: `await runner.cleanup()` stops the server. `runner.app[STATE]`
     holds what the server saw.
     """
-    faults = Faults(fail_rate=fail_rate, slow_rate=slow_rate, slow_seconds=slow_seconds,
+    faults = Faults(fail_rate=fail_rate, slow_rate=slow_rate, slow_seconds=slow_seconds, slow_jitter=slow_jitter,
                     drop_rate=drop_rate, seed=seed)
     runner = web.AppRunner(make_app(faults, models), access_log=None, shutdown_timeout=0.5)
     await runner.setup()
@@ -188,7 +192,8 @@ async def start_stub(port: int = 0, *, models: tuple[str, ...] = ("stub",), fail
 
 async def _serve(args: argparse.Namespace) -> None:
     _, url = await start_stub(args.port, fail_rate=args.fail_rate, slow_rate=args.slow_rate,
-                              slow_seconds=args.slow_seconds, drop_rate=args.drop_rate, seed=args.seed)
+                              slow_seconds=args.slow_seconds, slow_jitter=args.slow_jitter,
+                              drop_rate=args.drop_rate, seed=args.seed)
     # The first stdout line is the URL: bench_throughput.py waits for it before measuring.
     print(url, flush=True)
     await asyncio.Event().wait()
@@ -200,6 +205,7 @@ def main() -> None:
     parser.add_argument("--fail-rate", type=float, default=0.0)
     parser.add_argument("--slow-rate", type=float, default=0.0)
     parser.add_argument("--slow-seconds", type=float, default=1.0)
+    parser.add_argument("--slow-jitter", type=float, default=0.0)
     parser.add_argument("--drop-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the way to stop it
