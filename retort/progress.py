@@ -88,8 +88,8 @@ def print_summary(result: RunResult) -> None:
                   f"wall {result.seconds:.1f}s")
     reused = [s.name for s in result.stages if s.reused_from]
     if reused:
-        console.print(f"reused unchanged: {', '.join(reused)} (their tables copied from the run that built them "
-                      "from the same inputs; --no-reuse rebuilds them)")
+        console.print(f"reused unchanged: {', '.join(reused)} (the rows of the run that built them from the same "
+                      "inputs; --no-reuse rebuilds them)")
     console.print(f"results: {result.db_path} (schema run_{result.run_id}; latest tables as views in main)\n"
                   f"  retort show {result.stages[-1].name}    retort export {result.stages[-1].name} --format jsonl")
     for s in result.stages:

@@ -75,8 +75,17 @@ def test_nearest_neighbours_by_cosine_similarity_and_cached_vectors(ws: Path) ->
     again = ScriptedBackend(replies=[])
     result = run(ws, lambda name, cfg: again)
     assert again.embedded == [] and result.stages[0].cache_hits == 4
+    assert result.stages[0].reused_from == 1  # nothing changed: the vectors table is run 1's
     con = duckdb.connect(str(ws / ".retort" / "retort.duckdb"), read_only=True)
     assert con.execute("SELECT count(*), count(DISTINCT key) FROM embeddings").fetchall() == [(4, 4)]
+    con.close()
+
+    edited = [*ROWS[:3], {"question": "when does the last train leave"}]
+    (ws / "data" / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in edited))
+    third = ScriptedBackend(replies=[])
+    result = run(ws, lambda name, cfg: third)
+    assert result.stages[0].reused_from is None and third.embedded == [edited[3]["question"]]
+    assert set(neighbours(ws)) == {r["question"] for r in edited}  # the SQL stage ran on the new vectors
 
 
 @pytest.mark.http
