@@ -37,7 +37,8 @@ class ModelSpec(_Strict):
     max_concurrency: int | None = Field(None, ge=1)
     timeout: float | None = Field(None, gt=0)
     extra_body: dict[str, Any] | None = None
-    transport: Literal["auto", "sdk", "fast"] | None = None
+    transport: Literal["auto", "fast", "aiohttp", "sdk"] | None = Field(
+        None, description="openai's HTTP client: fast (retort's), aiohttp, sdk; auto: fast, or aiohttp via a proxy")
     structured_output: Literal["json_schema", "json_object"] | None = Field(
         None, description="how the server takes a JSON schema: OpenAI/vLLM json_schema, llama.cpp json_object")
     model_path: str | None = None

@@ -127,7 +127,7 @@ def test_embedded_model_in_process(ws: Path) -> None:
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("transport", ["sdk", "fast"])
+@pytest.mark.parametrize("transport", ["sdk", "aiohttp", "fast"])
 def test_same_gguf_over_real_http(ws: Path, llama_server: str, transport: str) -> None:
     served = ws / "pipelines" / "served.yaml"
     served.write_text(PIPELINE.replace(
