@@ -368,7 +368,7 @@ class Cache:
                     "created_at": pa.array([now.value] * len(vectors), pa.timestamp("us"))}))
             for table, batch in rows.items():
                 if batch:
-                    data = pa.Table.from_pylist(batch)
+                    data = pa.Table.from_pylist(batch)  # a stage's rows share their keys
                     for column, kind in self._types.get(table, {}).items():
                         i = data.schema.get_field_index(column)
                         data = data.set_column(i, pa.field(column, kind), data.column(i).cast(kind))

@@ -37,7 +37,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 from retort import __version__, backends
 from retort.backends.base import Backend, Completion, Request
 from retort.cache import Cache, call_key, create, request_base
-from retort.datasets import read_table
+from retort.datasets import read_table, table_from_rows
 from retort.errors import BackendError, DatasetError, NotFoundError, ParseError, RetortError, SpecError, TemplateError
 from retort.limits import Limiter
 from retort.parsers import Parser, build_parser
@@ -676,7 +676,7 @@ class Runner:
         if isinstance(out, dict):
             self._record_metrics(stage, stats, out)
             out = [out]
-        table = out if isinstance(out, pa.Table) else pa.Table.from_pylist(list(out or []))
+        table = out if isinstance(out, pa.Table) else table_from_rows(list(out or []))
         if table.num_columns == 0:
             table = pa.table({"_id": pa.array([], pa.string())})
         self.cache.write_table(self.table(stage.name), table)
@@ -726,7 +726,7 @@ class StageContext:
         template.check_columns(columns)
         sink: list[dict[str, Any]] = []
         exec_ = _PromptExecution(r, stage, self.stats, template, parser, "", columns, sink=sink)
-        await exec_.run(pa.Table.from_pylist(keyed))
+        await exec_.run(table_from_rows(keyed))
         order = {row["_id"]: i for i, row in enumerate(keyed)}
         sink.sort(key=lambda row: (order[row["_parent"]], row["_sample"]))
         return sink
@@ -734,7 +734,7 @@ class StageContext:
     def write_table(self, suffix: str, rows: list[dict[str, Any]]) -> None:
         if rows:
             self._runner.cache.write_table(self._runner.table(f"{self._stage.name}__{suffix}"),
-                                           pa.Table.from_pylist(rows))
+                                           table_from_rows(rows))
 
 
 class _PromptExecution:

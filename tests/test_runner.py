@@ -248,3 +248,15 @@ def test_an_unexpected_backend_exception_is_a_recorded_failure_not_a_lost_row(wo
         ("1", "model 'scripted:scripted': ValueError: a bug in someone's backend"),
         ("4", "model 'scripted:scripted': ValueError: a bug in someone's backend")]
 
+
+
+def test_a_python_stage_keeps_every_key_its_rows_have(workspace: Path) -> None:
+    # Arrow's from_pylist would keep only the first row's keys: `note` (rows 2+) would vanish.
+    (workspace / "evaluators" / "ragged.py").write_text(
+        "def ragged(rows):\n"
+        "    return [{'text': r['text'], **({'note': 'later'} if i else {})} for i, r in enumerate(rows)]\n")
+    path = make(workspace, "  - {name: out, python: ragged}\n")
+    result = run(workspace, path)
+    assert result.stages[0].rows_out == 6
+    rows = query(workspace, "SELECT text, note FROM main.out ORDER BY text")
+    assert rows == [(f"item {i}", None if i == 0 else "later") for i in range(6)]
