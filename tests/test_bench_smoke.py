@@ -32,9 +32,15 @@ def run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedPr
 def test_throughput_every_contender() -> None:
     proc = run("bench_throughput.py", "--n", "200", "--concurrency", "16")
     summary = proc.stdout.split("best of 1")[1]
-    for name in ("sdk_httpx", "sdk_aiohttp", "aiohttp_orjson", "backend_fast", "backend_sdk", "retort_e2e",
-                 "retort_cached", "retort_engine"):
+    for name in ("sdk_httpx", "sdk_aiohttp", "aiohttp_orjson", "wire_bare", "backend_fast", "backend_sdk",
+                 "retort_e2e", "retort_cached", "retort_replayed", "retort_engine"):
         assert f"  {name} " in summary, name
+
+
+def test_replay_with_reuse_off_then_on() -> None:
+    proc = run("bench_replay.py", "--rows", "200", "--repeat", "1")
+    assert "replay: 800 cached calls" in proc.stdout  # 4 stages x 200 rows, every one replayed
+    assert "rerun with every stage reused" in proc.stdout
 
 
 def test_throughput_profile(tmp_path: Path) -> None:
