@@ -70,7 +70,7 @@ class StageStats:
     seconds: float = 0.0
     error: str | None = None
     metrics: dict[str, float] | None = None  # what a Python stage returned as a dict (also in `metrics`)
-    reused_from: int | None = None  # the run whose table this stage copied, its fingerprint unchanged
+    reused_from: int | None = None  # the run that built this stage's rows, reused as they are (same fingerprint)
 
     completed: int = 0  # samples whose row slot is settled (hit, call, shared in-flight call, or failure)
 
@@ -493,7 +493,7 @@ class Runner:
         (the template with everything it includes, the parser with the code it runs).
 
         An earlier run's table with the same fingerprint is the table this run would build (the
-        same requests, answered from the cache, parsed the same way), so it is copied instead.
+        same requests, answered from the cache, parsed the same way), so this run links to it.
         None when that cannot be known: a per-row model, a template that picks what it includes
         at render time, a `where:` with a subquery, a dry run, or `--no-reuse`.
         """
