@@ -11,7 +11,9 @@ accounting. Three modes share this one code path:
 
 Prompt stages stream their input in chunks: render, hash, one batched cache
 look-up per chunk, then the misses go to the model's workers through a bounded
-queue. Output rows and calls are group-committed by the cache.
+queue. Output rows and calls are group-committed by the cache. A model stage whose
+fingerprint (see `_fingerprint`) matches an earlier failure-free build is not run at
+all: its table becomes a view onto that build's rows.
 """
 
 from __future__ import annotations
