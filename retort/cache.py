@@ -179,6 +179,7 @@ class Cache:
             with self._transaction():
                 self._rehome(int(schema[4:]))
                 self.con.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+                self.con.execute("DELETE FROM memo WHERE origin = ?", [int(schema[4:])])  # their rows are gone
 
     def _rehome(self, old: int) -> None:
         """Before run `old` is dropped: a later run that reuses one of its tables (a view onto it) gets

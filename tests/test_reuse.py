@@ -148,6 +148,8 @@ def test_reused_tables_are_views_and_pruning_their_origin_moves_the_rows(workspa
     cache.close()
 
     assert db_rows(workspace, "SELECT count(*) FROM duckdb_schemas() WHERE schema_name = 'run_1'") == [(0,)]
+    assert db_rows(workspace, "SELECT stage, run_id, origin FROM memo ORDER BY stage") == [
+        ("ask", 1, 3), ("input", 1, 3), ("judge", 1, 3)]  # built by run 1, rows now in run 3
     tables = db_rows(workspace, "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'run_3'")
     assert sorted(t for (t,) in tables) == ["ask", "input", "judge", "right"]  # the newest user holds the rows
     for name, rows in before.items():
@@ -181,6 +183,8 @@ def test_reruns_past_the_kept_runs_keep_their_rows(workspace: Path) -> None:
     assert last.run_id == KEEP_RUNS + 3
     kept = db_rows(workspace, "SELECT schema_name FROM duckdb_schemas() WHERE schema_name LIKE 'run_%'")
     assert len(kept) == KEEP_RUNS
+    origins = {o for (o,) in db_rows(workspace, "SELECT origin FROM memo")}
+    assert origins and all(o > 2 for o in origins)  # no memo row points into a pruned run
     for run_id in range(4, KEEP_RUNS + 4):  # every kept run still reads the rows run 1 built
         for name, rows in expected.items():
             assert table(workspace, name, run_id) == rows
