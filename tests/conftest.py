@@ -3,14 +3,21 @@ backend is allowed unless a test asks for more with a marker (local_model, serve
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pytest
+
+from retort.backends.base import Backend
+
+B = TypeVar("B", bound=Backend)
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -51,3 +58,13 @@ def db_rows(workspace: Path, sql: str) -> list[tuple[Any, ...]]:
         return con.execute(sql).fetchall()
     finally:
         con.close()
+
+
+def use(backend: B, call: Callable[[B], Awaitable[T]]) -> T:
+    """Run one call on a backend in a fresh event loop, as the CLI does, closing it afterwards."""
+    async def go() -> T:
+        try:
+            return await call(backend)
+        finally:
+            await backend.aclose()
+    return asyncio.run(go())

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -22,8 +22,8 @@ from bench.stub_server import STATE, StubState, reply_text, start_stub
 from retort.backends.base import Backend, Completion, Request
 from retort.backends.openai import OpenAIBackend, from_config, parse_retry_after, retryable_status
 from retort.errors import BackendError, EndpointUnreachable, SpecError, UserError
+from tests.conftest import use
 
-T = TypeVar("T")
 TRANSPORTS = ["fast", "aiohttp", "sdk"]
 KEY = "sk-test-d0n0tl3ak-7f3a9c"
 
@@ -49,14 +49,18 @@ def stub() -> Iterator[Stub]:
         loop.close()
 
 
-def use(backend: OpenAIBackend, call: Callable[[OpenAIBackend], Awaitable[T]]) -> T:
-    """Run one call on the backend in a fresh event loop, closing its sessions afterwards."""
-    async def go() -> T:
-        try:
-            return await call(backend)
-        finally:
-            await backend.aclose()
-    return asyncio.run(go())
+
+
+async def serve_chat(answer: Callable[[web.Request], Awaitable[web.Response]]) -> tuple[web.AppRunner, str]:
+    """A server on a free port whose POST /v1/chat/completions is `answer`: its runner and base URL."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 def failure(backend: OpenAIBackend, request: Request) -> BackendError:
@@ -233,15 +237,8 @@ def test_a_200_that_is_not_a_completion_is_not_retryable(transport: str, payload
         return web.Response(body=payload, content_type="application/json")
 
     async def scenario() -> BackendError:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", answer)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
-        backend = OpenAIBackend("m", f"http://127.0.0.1:{sock.getsockname()[1]}/v1",
-                                transport=transport)  # type: ignore[arg-type]
+        runner, url = await serve_chat(answer)
+        backend = OpenAIBackend("m", url, transport=transport)  # type: ignore[arg-type]
         try:
             await backend.complete(Request(messages=[{"role": "user", "content": "x"}], n=2))
         except BackendError as e:
@@ -359,15 +356,8 @@ def test_a_server_that_ignores_n_is_asked_one_sample_at_a_time(transport: str) -
                                   "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
 
     async def scenario() -> list[str]:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", answer)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
-        backend = OpenAIBackend("m", f"http://127.0.0.1:{sock.getsockname()[1]}/v1",
-                                transport=transport)  # type: ignore[arg-type]
+        runner, url = await serve_chat(answer)
+        backend = OpenAIBackend("m", url, transport=transport)  # type: ignore[arg-type]
         try:
             first = await backend.complete(Request([{"role": "user", "content": "x"}], {"seed": 7}, n=3))
             second = await backend.complete(Request([{"role": "user", "content": "x"}], {"seed": 7}, n=2))

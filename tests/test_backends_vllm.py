@@ -16,10 +16,10 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
 
 import duckdb
 import pytest
@@ -30,8 +30,8 @@ from retort.backends.base import Backend, Completion, Request
 from retort.backends.vllm import VLLMBackend, from_config
 from retort.cli import main
 from retort.errors import BackendError, SpecError, UserError
+from tests.conftest import use
 
-T = TypeVar("T")
 STANDIN = Path(__file__).resolve().parent / "vllm_standin"
 MODEL = "some-org/some-model"
 SCHEMA = {"type": "object", "properties": {"reason": {"type": "string", "maxLength": 40}}, "required": ["reason"]}
@@ -55,14 +55,6 @@ def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     _forget_vllm()
 
 
-def use(backend: VLLMBackend, call: Callable[[VLLMBackend], Awaitable[T]]) -> T:
-    """Run on the backend in a fresh event loop, as the CLI does, closing it afterwards."""
-    async def go() -> T:
-        try:
-            return await call(backend)
-        finally:
-            await backend.aclose()
-    return asyncio.run(go())
 
 
 def complete_all(backend: VLLMBackend, requests: list[Request]) -> list[Completion | BaseException]:

@@ -180,7 +180,7 @@ class OpenAIBackend:
         self._strikes = [0] * len(self.base_urls)
         self._out_until = [0.0] * len(self.base_urls)
         # Created on first use, inside the running event loop (aiohttp binds a session to its loop).
-        self._pools: list[tuple[Pool, str]] | None = None  # per replica: the origin's pool, the path prefix
+        self._pools: list[Pool] | None = None  # our HTTP client's connections, one pool per replica
         self._session: aiohttp.ClientSession | None = None
         self._sdk_clients: list[AsyncOpenAI] | None = None
 
@@ -276,13 +276,12 @@ class OpenAIBackend:
 
     async def _list_wire(self, url: str) -> bytes:
         """GET {url}/models over our own client (what the calls will use): b"" unless it answers 200."""
-        parts = urlsplit(url)
         try:
-            pool = Pool(f"{parts.scheme}://{parts.netloc}", headers=self._headers, limit=1)
+            pool = Pool(url, headers=self._headers, limit=1)
         except ValueError as e:
             raise self._unreachable(url, f"invalid URL: {e}") from None
         try:
-            status, _, content = await pool.request("GET", f"{parts.path}/models", timeout=CHECK_TIMEOUT)
+            status, _, content = await pool.request("GET", "/models", timeout=CHECK_TIMEOUT)
         except TimeoutError:
             raise self._unreachable(url, f"no answer within {CHECK_TIMEOUT:g}s") from None
         except OSError as e:
@@ -307,7 +306,7 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         if self._pools is not None:
-            for pool, _ in self._pools:
+            for pool in self._pools:
                 await pool.close()
             self._pools = None
         if self._session is not None:
@@ -376,19 +375,13 @@ class OpenAIBackend:
 
     async def _post_wire(self, turn: int, body: dict[str, Any], path: str = "/chat/completions") -> bytes:
         if self._pools is None:
-            self._pools = []
-            for url in self.base_urls:
-                parts = urlsplit(url)
-                try:
-                    pool = Pool(f"{parts.scheme}://{parts.netloc}", headers=self._headers, limit=self.max_concurrency)
-                except ValueError as e:
-                    self._pools = None
-                    raise self._error(f"invalid URL {url}: {e}") from e
-                self._pools.append((pool, parts.path))
-        pool, prefix = self._pools[turn]
+            try:
+                self._pools = [Pool(url, headers=self._headers, limit=self.max_concurrency) for url in self.base_urls]
+            except ValueError as e:
+                raise self._error(f"invalid URL: {e}") from e
         try:
-            status, headers, content = await pool.request("POST", prefix + path, orjson.dumps(body),
-                                                          timeout=self.timeout)
+            status, headers, content = await self._pools[turn].request("POST", path, orjson.dumps(body),
+                                                                       timeout=self.timeout)
         except TimeoutError:
             raise self._error(f"no response within {self.timeout:g}s", retryable=True) from None
         except OSError as e:  # refused, reset, dropped mid-body, TLS: the next attempt may succeed
