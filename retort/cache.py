@@ -141,6 +141,12 @@ class Cache:
             self.release()
         return run_id
 
+    def latest_run(self) -> tuple[int, str, str, str, str | None] | None:
+        """(run_id, pipeline, spec_path, status, stats JSON) of the newest run, if any."""
+        rows = self.con.execute("SELECT run_id, pipeline, spec_path, status, stats FROM runs "
+                                "ORDER BY run_id DESC LIMIT 1").fetchall()
+        return rows[0] if rows else None
+
     def release(self) -> None:
         """Commit what start_run held open, if anything."""
         if self._held:
@@ -256,8 +262,13 @@ class Cache:
                 f"SELECT count(*) FROM (SELECT database_name, schema_name, table_name FROM duckdb_tables() UNION ALL "
                 f"SELECT database_name, schema_name, view_name FROM duckdb_views()) WHERE {column} = ? "
                 f"AND table_name = ?", [schema, name]).fetchall()[0][0])
+        return self.tables_exist(schema, [name])
+
+    def tables_exist(self, schema: str, names: Iterable[str]) -> bool:
+        """Whether every `schema."name"` is a table or view, in one query (not while start_run holds)."""
+        tables = ", ".join(f'{schema}."{name}"' for name in names)
         try:  # binding a query is the cheapest test (a catalog scan costs several times more)
-            self.con.execute(f'SELECT NULL FROM {schema}."{name}" LIMIT 0')
+            self.con.execute(f"SELECT NULL FROM {tables} LIMIT 0")
         except duckdb.CatalogException:
             return False
         return True

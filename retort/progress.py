@@ -69,8 +69,8 @@ class RichProgress(RunnerProgress):
 
 def print_summary(result: RunResult) -> None:
     console = _console()
-    table = Table(title=f"run {result.run_id} of {result.pipeline}: {result.status} in {result.seconds:.1f}s",
-                  title_justify="left")
+    state = "up to date" if result.up_to_date else f"{result.status} in {result.seconds:.1f}s"
+    table = Table(title=f"run {result.run_id} of {result.pipeline}: {state}", title_justify="left")
     for col in ("stage", "kind", "rows in", "rows out", "calls", "cache hits", "made", "failures",
                 "parse errors", "tokens", "seconds"):
         table.add_column(col, justify="left" if col in ("stage", "kind") else "right")
@@ -87,7 +87,10 @@ def print_summary(result: RunResult) -> None:
                   f"(prompt {t['prompt_tokens']:,}, completion {t['completion_tokens']:,}), "
                   f"wall {result.seconds:.1f}s")
     reused = [s.name for s in result.stages if s.reused_from]
-    if reused:
+    if result.up_to_date:
+        console.print(f"up to date: the input and every stage are as run {result.run_id} left them, so no new "
+                      "run was made and nothing was called (--no-reuse rebuilds)")
+    elif reused:
         console.print(f"reused unchanged: {', '.join(reused)} (the rows of the run that built them from the same "
                       "inputs; --no-reuse rebuilds them)")
     console.print(f"results: {result.db_path} (schema run_{result.run_id}; latest tables as views in main)\n"

@@ -27,7 +27,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,6 +89,9 @@ class RunResult:
     stages: list[StageStats] = field(default_factory=list)
     seconds: float = 0.0
     status: str = "ok"
+    up_to_date: bool = False  # nothing changed since run `run_id`: no new run was made (see Runner._up_to_date)
+    # table → [fingerprint, content digest], for the input and every model stage that can be reused
+    fingerprints: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def failures(self) -> int:
@@ -101,8 +104,8 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "pipeline": self.pipeline, "db_path": self.db_path,
-                "seconds": round(self.seconds, 3), "status": self.status, **self.totals(),
-                "stages": [asdict(s) for s in self.stages]}
+                "seconds": round(self.seconds, 3), "status": self.status, "up_to_date": self.up_to_date,
+                **self.totals(), "stages": [asdict(s) for s in self.stages], "fingerprints": self.fingerprints}
 
 
 class Progress:
@@ -202,6 +205,7 @@ class Runner:
         self._digests: dict[str, str] = {}  # table → content digest, computed when a fingerprint needs it
         self._builds: dict[tuple[str, str], tuple[int, int, str]] = {}  # (stage, fingerprint) → an earlier build
         self._known: dict[str, list[str]] = {}  # columns of the tables this run reused
+        self._prints: dict[str, list[str]] = {}  # RunResult.fingerprints
         self._backends: dict[str, Backend] = {}
         self._limiters: dict[str, Limiter] = {}
         self._env: Any = None  # the workspace's Jinja environment, made on first use
@@ -267,7 +271,17 @@ class Runner:
 
     async def execute(self) -> RunResult:
         started = time.monotonic()
-        result = RunResult(None, self.spec.name or "pipeline", str(self.cache.path))
+        result = RunResult(None, self.spec.name or "pipeline", str(self.cache.path), fingerprints=self._prints)
+        if self.reuse:
+            try:
+                done = self._up_to_date(result)
+            except BaseException:
+                await self._close_backends()
+                raise
+            if done:
+                await self._close_backends()
+                result.seconds = time.monotonic() - started
+                return result
         if self.mode == "run":
             text = Path(self.src.file).read_bytes() if Path(self.src.file).is_file() else b""
             spec_hash = hashlib.sha256(text + self.spec.model_dump_json().encode()).hexdigest()[:16]
@@ -317,14 +331,62 @@ class Runner:
             gc.unfreeze()
             self.cache.con.execute("SET search_path = 'main'")
             result.seconds = time.monotonic() - started
-            for backend in self._backends.values():
-                await backend.aclose()
+            await self._close_backends()
             if self.run_id is not None:
                 self.cache.finish_run(self.run_id, result.status, result.to_dict(),
                                       ["input", *(s.name for s in self.spec.stages)])
             else:
                 self.cache.flush()
         return result
+
+    async def _close_backends(self) -> None:
+        for backend in self._backends.values():
+            await backend.aclose()
+
+    def _up_to_date(self, result: RunResult) -> bool:
+        """Whether there is nothing to do, as make says: the latest run in this database is this
+        pipeline's, it finished without a failure, and its input and every stage have the
+        fingerprints they would have now. Then `result` becomes that run's, with no write and no
+        call. Only pipelines of model stages can be up to date: SQL and Python stages always run.
+        """
+        model_stages = [s for s in self.spec.stages if isinstance(s, (PromptStage, EmbedStage))]
+        latest = self.cache.latest_run()
+        if latest is None or len(model_stages) < len(self.spec.stages):
+            return False
+        run_id, pipeline, spec_path, status, record = latest
+        if (status, pipeline, spec_path) != ("ok", result.pipeline, self.src.file) or not record:
+            return False
+        before = orjson.loads(record)
+        prints, stages = before.get("fingerprints") or {}, before.get("stages") or []
+        names = [s.name for s in model_stages]
+        if [s.get("name") for s in stages] != names or any(s.get("failures") or s.get("error") for s in stages) \
+                or not self.cache.tables_exist(f"run_{run_id}", ["input", *names]):
+            return False
+
+        def same(name: str, fingerprint: str | None) -> bool:
+            known = prints.get(name)
+            if fingerprint is None or not known or fingerprint != known[0]:
+                return False
+            self._digests[name] = known[1]  # what the next stage's fingerprint reads
+            return True
+
+        # In order: a stage's fingerprint needs the digest of its `from` table.
+        if not (same("input", self._input_fingerprint()) and all(
+                s.from_ in self._digests and same(s.name, self._stage_fingerprint(s)) for s in model_stages)):
+            self._digests.clear()  # a normal run computes its own
+            return False
+        result.run_id, result.up_to_date = run_id, True
+        self._prints.update(prints)
+        settable = {f.name for f in fields(StageStats)}
+        for saved in stages:
+            stats = StageStats(**{k: v for k, v in saved.items() if k in settable})
+            stats.reused_from = stats.reused_from or run_id
+            stats.calls_made, stats.seconds = 0, 0.0
+            stats.cache_hits = stats.completed = stats.calls_needed
+            result.stages.append(stats)
+            self.progress.stage_started(stats, stats.calls_needed)
+            self.progress.stage_finished(stats)
+        return True
 
     async def _tick(self) -> None:
         while True:  # the group commit's clock: at least one flush a second
@@ -334,20 +396,30 @@ class Runner:
     def table(self, name: str) -> str:
         return f'{self.schema}."{name}"'
 
-    def _load_input(self) -> None:
+    def _input_source(self) -> tuple[Path, int | None]:
+        """The input file and the row limit this run reads."""
         path = self.ws.data(self.input_path or self.spec.input.path, base=self.spec_dir)
         limit = self.limit or self.spec.input.limit
         if self.mode == "validate":
             limit = min(limit or 5, 5)
+        return path, limit
+
+    def _input_fingerprint(self) -> str | None:
+        """The same bytes, mapping and limit: the same input table."""
+        path, limit = self._input_source()
+        if not self.reuse or not path.is_file():
+            return None
+        with path.open("rb") as f:
+            content = hashlib.file_digest(f, "sha256").hexdigest()
+        return hashlib.sha256(orjson.dumps(
+            [_engine_digest(), "input", content, path.suffix.lower(), self.columns, limit])).hexdigest()
+
+    def _load_input(self) -> None:
+        path, limit = self._input_source()
         self.input_file = path
-        fingerprint = None
-        if self.reuse and path.is_file():  # the same bytes, mapping and limit: the same input table
-            with path.open("rb") as f:
-                content = hashlib.file_digest(f, "sha256").hexdigest()
-            fingerprint = hashlib.sha256(orjson.dumps(
-                [_engine_digest(), "input", content, path.suffix.lower(), self.columns, limit])).hexdigest()
-            if self._link("input", fingerprint) is not None:
-                return
+        fingerprint = self._input_fingerprint()
+        if fingerprint and self._link("input", fingerprint) is not None:
+            return
         self.cache.release()
         data = read_table(path, limit)
         data = data.append_column("_id", pa.array([str(i) for i in range(data.num_rows)], pa.string()))
@@ -371,10 +443,8 @@ class Runner:
         finally:
             con.unregister("_source")
         self.cache.write_table(self.table("input"), mapped)
-        if fingerprint and self.run_id is not None:
-            self.cache.remember(fingerprint, self.run_id, "input", self.run_id,
-                                {"rows_out": mapped.num_rows, "digest": self._digest("input"),
-                                 "columns": mapped.column_names})
+        if fingerprint:
+            self._memo("input", fingerprint, {"rows_out": mapped.num_rows, "columns": mapped.column_names})
 
     async def _run_stage(self, stage: Any, stats: StageStats) -> None:
         if isinstance(stage, PromptStage):
@@ -445,13 +515,15 @@ class Runner:
             self._env = environment([root / "prompts" for root in self.ws.roots])
         return Template.from_file(path, f"prompts/{stage.prompt}", self._env)
 
-    async def _prompt_stage(self, stage: PromptStage, stats: StageStats) -> None:
-        template = self._template(stage)
+    def _parser(self, stage: PromptStage) -> Parser:
         try:
-            parser = build_parser(with_params(stage.parse, self.spec.params), stage.output or stage.name,
-                                  workspace=self.ws)
+            return build_parser(with_params(stage.parse, self.spec.params), stage.output or stage.name,
+                                workspace=self.ws)
         except (SpecError, NotFoundError) as exc:
             raise self._stage_error(stage, "parse", getattr(exc, "detail", str(exc))) from None
+
+    async def _prompt_stage(self, stage: PromptStage, stats: StageStats) -> None:
+        template, parser = self._template(stage), self._parser(stage)
         source = self._source_table(stage, stage.from_)
         columns = self._columns(stage.from_)
         try:
@@ -512,6 +584,11 @@ class Runner:
             digest.update(b"\0" + str(part).encode())
         return digest.hexdigest()
 
+    def _stage_fingerprint(self, stage: PromptStage | EmbedStage) -> str | None:
+        if isinstance(stage, PromptStage):
+            return self._fingerprint(stage, self._template(stage).digest(), self._parser(stage).identity)
+        return self._fingerprint(stage)
+
     def _digest(self, name: str) -> str:
         if name not in self._digests:
             self.cache.flush()
@@ -541,16 +618,22 @@ class Runner:
         self.cache.con.execute(f'CREATE VIEW {self.table(name)} AS SELECT * FROM run_{origin}."{name}"')
         if before.get("digest"):
             self._digests[name] = before["digest"]
+            self._prints[name] = [fingerprint, before["digest"]]
         if before.get("columns"):
             self._known[name] = before["columns"]
         return {**before, "run": run_id}
 
     def _remember(self, stage: PromptStage | EmbedStage, stats: StageStats, fingerprint: str | None) -> None:
         """A table built without a failed call can stand in for this fingerprint later."""
-        if fingerprint and not stats.failures and self.run_id is not None:
-            self.cache.remember(fingerprint, self.run_id, stage.name, self.run_id,
-                                {**asdict(stats), "digest": self._digest(stage.name),
-                                 "columns": self._columns(stage.name)})
+        if fingerprint and not stats.failures:
+            self._memo(stage.name, fingerprint, {**asdict(stats), "columns": self._columns(stage.name)})
+
+    def _memo(self, name: str, fingerprint: str, counts: dict[str, Any]) -> None:
+        """Record this run's table `name` as the build of `fingerprint`, for later runs to reuse."""
+        if self.run_id is not None:
+            digest = self._digest(name)
+            self.cache.remember(fingerprint, self.run_id, name, self.run_id, {**counts, "digest": digest})
+            self._prints[name] = [fingerprint, digest]
 
     # ------------------------------------------------------------ embed stages
 

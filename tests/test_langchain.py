@@ -340,9 +340,12 @@ def test_invoke_one_row_then_again_from_the_cache(ws: Path) -> None:
     runnable = PipelineRunnable("lc", workspace=ws)
     assert runnable.invoke({"text": "delta"}) == [{"text": "delta", "pred": "reply to Text: delta"}]
     assert runnable.invoke({"text": "delta"}) == [{"text": "delta", "pred": "reply to Text: delta"}]
-    assert len(received(ws)) == 1  # the second invocation made no call
+    assert len(received(ws)) == 1  # the second invocation made no call, and no run: it was up to date
+    assert runnable.invoke({"text": "echo"}) == [{"text": "echo", "pred": "reply to Text: echo"}]
+    assert runnable.invoke({"text": "delta"}) == [{"text": "delta", "pred": "reply to Text: delta"}]
+    assert len(received(ws)) == 2  # delta again, after echo: a new run, from the cache
     runs = query(ws, "SELECT stats->>'calls_made', stats->>'cache_hits', status FROM runs ORDER BY run_id")
-    assert runs == [("1", "0", "ok"), ("0", "1", "ok")]
+    assert runs == [("1", "0", "ok"), ("1", "0", "ok"), ("0", "1", "ok")]
 
 
 def test_invoke_a_list_keeps_input_order_and_lineage_on_request(ws: Path) -> None:

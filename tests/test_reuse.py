@@ -117,9 +117,10 @@ def test_a_pruned_run_is_not_reused(workspace: Path) -> None:
 
 def test_the_cli_says_what_it_reused_and_no_reuse_rebuilds(workspace: Path) -> None:
     (workspace / "data" / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
-    (workspace / "pipelines" / "p.yaml").write_text(
+    (workspace / "pipelines" / "p.yaml").write_text(  # with a SQL stage, which always runs: a new run each time
         "models: {default: {backend: scripted, replies: [fine], cycle: true}}\ninput: {path: data/rows.jsonl}\n"
-        "stages:\n  - {name: ask, template: 'Tell me about {{ text }}'}\n")
+        "stages:\n  - {name: ask, template: 'Tell me about {{ text }}'}\n"
+        "  - {name: n, sql: 'SELECT count(*) AS n FROM ask'}\n")
     assert run_cli("run", "p", "-q", cwd=workspace).returncode == 0
     second = run_cli("run", "p", "-q", cwd=workspace)
     assert second.returncode == 0, second.stderr
@@ -160,12 +161,13 @@ def test_reused_tables_are_views_and_pruning_their_origin_moves_the_rows(workspa
 
 
 def test_the_input_table_is_reused_only_while_the_file_is_unchanged(workspace: Path) -> None:
-    path = make(workspace, "  - {name: ask, template: 'Tell me about {{ text }}'}\n")
+    stages = "  - {name: ask, template: 'Tell me about {{ text }}'}\n  - {name: n, sql: 'SELECT count(*) FROM ask'}\n"
+    path = make(workspace, stages)  # the SQL stage makes every rerun a new run
     run(workspace, path, ScriptedBackend(function=reply))
     run(workspace, path, ScriptedBackend(function=reply))
     is_view = "SELECT count(*) FROM duckdb_views() WHERE schema_name = 'run_{}' AND view_name = 'input'"
     assert db_rows(workspace, is_view.format(2)) == [(1,)]
-    make(workspace, "  - {name: ask, template: 'Tell me about {{ text }}'}\n", ROWS[:5])
+    make(workspace, stages, ROWS[:5])
     third = run(workspace, path, ScriptedBackend(function=reply))
     assert db_rows(workspace, is_view.format(3)) == [(0,)]
     assert third.stages[0].rows_out == 5 and third.stages[0].reused_from is None
@@ -189,3 +191,86 @@ def test_reruns_past_the_kept_runs_keep_their_rows(workspace: Path) -> None:
         for name, rows in expected.items():
             assert table(workspace, name, run_id) == rows
     assert first.stages[1].rows_out == len(expected["judge"])
+
+
+# --- up to date: a rerun with nothing to do makes no run --------------------------------------------
+
+TWO_PROMPTS = ("  - {name: ask, template: 'Tell me about {{ text }}'}\n"
+               "  - {name: judge, from: ask, template: 'Classify {{ text }}', parse: {choice: [positive, negative]}}\n")
+
+
+def database(workspace: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]], int]:
+    """Runs, schemas and memo rows: what a rerun that is up to date must leave as it was."""
+    return (db_rows(workspace, "SELECT run_id, status, stats FROM runs ORDER BY run_id"),
+            db_rows(workspace, "SELECT schema_name FROM duckdb_schemas() ORDER BY 1"),
+            db_rows(workspace, "SELECT count(*) FROM memo")[0][0])
+
+
+def test_an_unchanged_pipeline_of_model_stages_is_up_to_date_and_writes_nothing(workspace: Path) -> None:
+    path = make(workspace, TWO_PROMPTS)
+    first = run(workspace, path, ScriptedBackend(function=reply))
+    before = database(workspace)
+    backend = ScriptedBackend(function=reply)
+    again = run(workspace, path, backend)
+
+    assert again.up_to_date and again.run_id == first.run_id == 1
+    assert backend.calls == [] and database(workspace) == before
+    assert [s.reused_from for s in again.stages] == [1, 1]
+    for built, found in zip(first.stages, again.stages, strict=True):
+        assert (found.rows_out, found.calls_needed, found.cache_hits, found.calls_made, found.prompt_tokens) == \
+            (built.rows_out, built.calls_needed, built.calls_needed, 0, built.prompt_tokens)
+    assert set(again.fingerprints) == {"input", "ask", "judge"} and again.fingerprints == first.fingerprints
+
+
+def test_up_to_date_only_against_the_latest_run_of_the_same_pipeline(workspace: Path) -> None:
+    path = make(workspace, TWO_PROMPTS)
+    other = workspace / "pipelines" / "other.yaml"
+    other.write_text(path.read_text())  # the same stages, another pipeline
+    run(workspace, path, ScriptedBackend(function=reply))
+    assert run(workspace, other, ScriptedBackend(function=reply)).run_id == 2  # not p's run: a new one
+    third = run(workspace, path, ScriptedBackend(function=reply))
+    assert not third.up_to_date and third.run_id == 3
+    assert [s.reused_from for s in third.stages] == [1, 1]  # still no call: run 1's tables, linked
+    assert db_rows(workspace, "SELECT count(*) FROM main.judge")[0][0] == 6
+
+
+def test_a_change_anywhere_makes_a_new_run(workspace: Path) -> None:
+    path = make(workspace, TWO_PROMPTS)
+    run(workspace, path, ScriptedBackend(function=reply))
+    path.write_text(path.read_text().replace("Classify {{ text }}", "Classify: {{ text }}"))
+    changed = run(workspace, path, ScriptedBackend(function=reply))
+    assert not changed.up_to_date and changed.run_id == 2 and [s.reused_from for s in changed.stages] == [1, None]
+    assert run(workspace, path, ScriptedBackend(function=reply)).up_to_date  # and then that run is the latest
+
+    make(workspace, TWO_PROMPTS, ROWS[:4])  # the input file
+    assert run(workspace, path, ScriptedBackend(function=reply)).run_id == 3
+    assert run(workspace, path, ScriptedBackend(function=reply), ["params.x=1"]).run_id == 4  # the params
+
+
+def test_a_run_with_a_failed_call_is_never_up_to_date(workspace: Path) -> None:
+    path = make(workspace, TWO_PROMPTS)
+
+    def flaky(request):  # type: ignore[no-untyped-def]
+        if request.messages[-1]["content"].endswith("item 3"):
+            raise BackendError("boom", model="scripted")
+        return reply(request)
+
+    assert run(workspace, path, ScriptedBackend(function=flaky)).failures == 1
+    backend = ScriptedBackend(function=reply)
+    second = run(workspace, path, backend)
+    assert not second.up_to_date and len(backend.calls) == 2  # the failed row, in both stages
+    assert run(workspace, path, ScriptedBackend(function=reply)).up_to_date
+
+
+def test_the_cli_says_up_to_date_and_no_reuse_still_runs(workspace: Path) -> None:
+    (workspace / "data" / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
+    (workspace / "pipelines" / "p.yaml").write_text(
+        "models: {default: {backend: scripted, replies: [fine], cycle: true}}\ninput: {path: data/rows.jsonl}\n"
+        "stages:\n  - {name: ask, template: 'Tell me about {{ text }}'}\n")
+    assert run_cli("run", "p", "-q", cwd=workspace).returncode == 0
+    second = run_cli("run", "p", "-q", cwd=workspace)
+    assert second.returncode == 0, second.stderr
+    assert "run 1 of p: up to date" in second.stdout and "no new run was made" in second.stdout
+    third = json.loads(run_cli("run", "p", "-q", "--no-reuse", "--json", cwd=workspace).stdout)
+    assert (third["run_id"], third["up_to_date"], third["calls_made"], third["cache_hits"]) == (2, False, 0, 6)
+    assert db_rows(workspace, "SELECT run_id FROM runs ORDER BY 1") == [(1,), (2,)]
