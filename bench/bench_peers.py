@@ -7,10 +7,10 @@
 The job: prompt "What is {i} plus {i}?" for i in 0..n-1 against the stub server
 (bench/stub_server.py, started here on 127.0.0.1), keep the text. Every contender runs it
 twice: first with an empty cache (n real HTTP calls), then again on the filled cache (the
-cached rerun: no HTTP call at all). retort's cached rerun reuses the unchanged stage's
-table whole (as curator reloads a finished dataset by fingerprint); a third retort run,
-with reuse off (`--no-reuse`), replays every row from the `calls` table (as distilabel
-does per batch), shown as "per-row replay".
+cached rerun: no HTTP call at all). retort's cached rerun finds the last run up to date
+(the same input and stage fingerprints: no new run, nothing written), as curator reloads a
+finished dataset by fingerprint; a third retort run, with reuse off (`--no-reuse`), replays
+every row from the `calls` table (as distilabel does per batch), shown as "per-row replay".
 
   curator     bespokelabs-curator, `curator.LLM`, backend openai, max_concurrent_requests
   distilabel  LoadDataFromDicts >> TextGeneration(OpenAILLM), input_batch_size = concurrency,
@@ -172,7 +172,7 @@ async def retort_thrice(url: str, n: int, concurrency: int) -> tuple[float, floa
         bt.check_totals(first, n, made=n, hits=0)
         again, t2 = await bt.run_pipeline(Path(tmp), spec)
         bt.check_totals(again, n, made=0, hits=n)
-        assert again.stages[0].reused_from == first.run_id
+        assert again.up_to_date and again.run_id == first.run_id
         replay, t3 = await bt.run_pipeline(Path(tmp), spec, reuse=False)
         bt.check_totals(replay, n, made=0, hits=n)
         assert replay.stages[0].reused_from is None
