@@ -27,7 +27,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -371,20 +371,16 @@ class Runner:
             return True
 
         # In order: a stage's fingerprint needs the digest of its `from` table.
-        if not (same("input", self._input_fingerprint()) and all(
+        if not (same("input", self._input[2]) and all(
                 s.from_ in self._digests and same(s.name, self._stage_fingerprint(s)) for s in model_stages)):
             self._digests.clear()  # a normal run computes its own
             return False
         result.run_id, result.up_to_date = run_id, True
         self._prints.update(prints)
-        settable = {f.name for f in fields(StageStats)}
         for saved in stages:
-            stats = StageStats(**{k: v for k, v in saved.items() if k in settable})
-            stats.reused_from = stats.reused_from or run_id
-            stats.calls_made, stats.seconds = 0, 0.0
-            stats.cache_hits = stats.completed = stats.calls_needed
+            stats = StageStats(saved["name"], saved["kind"])
+            self._stand_in(stats, saved, saved.get("reused_from") or run_id)
             result.stages.append(stats)
-            self.progress.stage_started(stats, stats.calls_needed)
             self.progress.stage_finished(stats)
         return True
 
@@ -396,28 +392,24 @@ class Runner:
     def table(self, name: str) -> str:
         return f'{self.schema}."{name}"'
 
-    def _input_source(self) -> tuple[Path, int | None]:
-        """The input file and the row limit this run reads."""
+    @functools.cached_property
+    def _input(self) -> tuple[Path, int | None, str | None]:
+        """The input file, the row limit this run reads, and their fingerprint (the same bytes,
+        mapping and limit: the same input table; None without reuse). The file is hashed once."""
         path = self.ws.data(self.input_path or self.spec.input.path, base=self.spec_dir)
         limit = self.limit or self.spec.input.limit
         if self.mode == "validate":
             limit = min(limit or 5, 5)
-        return path, limit
-
-    def _input_fingerprint(self) -> str | None:
-        """The same bytes, mapping and limit: the same input table."""
-        path, limit = self._input_source()
         if not self.reuse or not path.is_file():
-            return None
+            return path, limit, None
         with path.open("rb") as f:
             content = hashlib.file_digest(f, "sha256").hexdigest()
-        return hashlib.sha256(orjson.dumps(
+        return path, limit, hashlib.sha256(orjson.dumps(
             [_engine_digest(), "input", content, path.suffix.lower(), self.columns, limit])).hexdigest()
 
     def _load_input(self) -> None:
-        path, limit = self._input_source()
+        path, limit, fingerprint = self._input
         self.input_file = path
-        fingerprint = self._input_fingerprint()
         if fingerprint and self._link("input", fingerprint) is not None:
             return
         self.cache.release()
@@ -601,13 +593,17 @@ class Runner:
         before = self._link(stage.name, fingerprint)
         if before is None:
             return False
-        stats.reused_from = before["run"]
+        self._stand_in(stats, before, before["run"])
+        return True
+
+    def _stand_in(self, stats: StageStats, counts: dict[str, Any], run: int) -> None:
+        """`stats` become those of run `run`'s build of the stage, whose rows this run uses as they are."""
+        stats.reused_from = run
         for name in ("rows_in", "rows_out", "calls_needed", "parse_errors", "prompt_tokens", "completion_tokens"):
-            setattr(stats, name, before.get(name, 0))
+            setattr(stats, name, counts.get(name, 0))
         stats.cache_hits = stats.completed = stats.calls_needed  # every call it stands for is in the cache
         self.progress.stage_started(stats, stats.calls_needed)
         self.progress.advance(stats)
-        return True
 
     def _link(self, name: str, fingerprint: str) -> dict[str, Any] | None:
         found = self._builds.get((name, fingerprint))

@@ -115,12 +115,15 @@ def test_a_pruned_run_is_not_reused(workspace: Path) -> None:
     assert second.stages[0].reused_from is None and second.stages[0].cache_hits == 6
 
 
+def for_the_cli(workspace: Path, stages: str) -> None:
+    """Pipeline `p` over ROWS, its model the spec's own scripted one (the CLI takes no backend object)."""
+    path = make(workspace, stages)
+    path.write_text("models: {default: {backend: scripted, replies: [fine], cycle: true}}\n" + path.read_text())
+
+
 def test_the_cli_says_what_it_reused_and_no_reuse_rebuilds(workspace: Path) -> None:
-    (workspace / "data" / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
-    (workspace / "pipelines" / "p.yaml").write_text(  # with a SQL stage, which always runs: a new run each time
-        "models: {default: {backend: scripted, replies: [fine], cycle: true}}\ninput: {path: data/rows.jsonl}\n"
-        "stages:\n  - {name: ask, template: 'Tell me about {{ text }}'}\n"
-        "  - {name: n, sql: 'SELECT count(*) AS n FROM ask'}\n")
+    for_the_cli(workspace, "  - {name: ask, template: 'Tell me about {{ text }}'}\n"  # with a SQL stage, which
+                "  - {name: n, sql: 'SELECT count(*) AS n FROM ask'}\n")  # always runs: a new run each time
     assert run_cli("run", "p", "-q", cwd=workspace).returncode == 0
     second = run_cli("run", "p", "-q", cwd=workspace)
     assert second.returncode == 0, second.stderr
@@ -263,10 +266,7 @@ def test_a_run_with_a_failed_call_is_never_up_to_date(workspace: Path) -> None:
 
 
 def test_the_cli_says_up_to_date_and_no_reuse_still_runs(workspace: Path) -> None:
-    (workspace / "data" / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
-    (workspace / "pipelines" / "p.yaml").write_text(
-        "models: {default: {backend: scripted, replies: [fine], cycle: true}}\ninput: {path: data/rows.jsonl}\n"
-        "stages:\n  - {name: ask, template: 'Tell me about {{ text }}'}\n")
+    for_the_cli(workspace, "  - {name: ask, template: 'Tell me about {{ text }}'}\n")
     assert run_cli("run", "p", "-q", cwd=workspace).returncode == 0
     second = run_cli("run", "p", "-q", cwd=workspace)
     assert second.returncode == 0, second.stderr

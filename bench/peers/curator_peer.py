@@ -14,11 +14,10 @@ cl100k_base read from TIKTOKEN_CACHE_DIR.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
+
+from job import report, setup
 
 OFFLINE_ENV = {
     "TELEMETRY_ENABLED": "false",  # curator's PostHog client (bespokelabs/curator/telemetry/client.py)
@@ -33,17 +32,8 @@ OFFLINE_ENV = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--url", required=True, help="the stub's base URL, ending in /v1")
-    ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--cache-dir", required=True)
-    args = ap.parse_args()
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    args = setup(OFFLINE_ENV)
     os.environ["CURATOR_CACHE_DIR"] = args.cache_dir
-    os.environ["OPENAI_API_KEY"] = "dummy"
-    os.environ.pop("OPENAI_BASE_URL", None)
 
     import importlib.metadata
 
@@ -68,14 +58,8 @@ def main() -> None:
     out = llm(dataset)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     data = getattr(out, "dataset", out)  # CuratorResponse in recent versions, a Dataset before
-    rows = data.to_list()
-    answers = {r["i"]: r["answer"] for r in rows}
-    ok = len(rows) == args.n and len(answers) == args.n and all(
-        isinstance(a, str) and a.endswith(f"What is {i} plus {i}?"[:24]) for i, a in answers.items())
-    print(json.dumps({"peer": "curator", "version": importlib.metadata.version("bespokelabs-curator"),
-                      "seconds": seconds, "cpu_seconds": cpu, "rows": len(rows), "distinct": len(answers),
-                      "ok": ok}), flush=True)
-    sys.exit(0 if ok else 1)
+    report("curator", importlib.metadata.version("bespokelabs-curator"), args.n, data.to_list(), "answer",
+           seconds, cpu)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,9 @@ JSON line: the time of pipeline.run alone (imports excluded) and the checks on t
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
+
+from job import report, setup
 
 OFFLINE_ENV = {
     # distilabel 1.5 sends no telemetry of its own; the Hugging Face libraries it uses would
@@ -29,16 +27,7 @@ OFFLINE_ENV = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--url", required=True, help="the stub's base URL, ending in /v1")
-    ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--cache-dir", required=True)
-    args = ap.parse_args()
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
-    os.environ["OPENAI_API_KEY"] = "dummy"
-    os.environ.pop("OPENAI_BASE_URL", None)
+    args = setup(OFFLINE_ENV)
 
     import importlib.metadata
 
@@ -57,14 +46,8 @@ def main() -> None:
     start = time.perf_counter()
     distiset = pipeline.run(use_cache=True)
     seconds = time.perf_counter() - start
-    rows = distiset["default"]["train"].to_list()
-    answers = {r["i"]: r["generation"] for r in rows}
-    ok = len(rows) == args.n and len(answers) == args.n and all(
-        isinstance(a, str) and a.endswith(f"What is {i} plus {i}?"[:24]) for i, a in answers.items())
-    print(json.dumps({"peer": "distilabel", "version": importlib.metadata.version("distilabel"),
-                      "seconds": seconds, "cpu_seconds": None, "rows": len(rows), "distinct": len(answers),
-                      "ok": ok}), flush=True)
-    sys.exit(0 if ok else 1)
+    report("distilabel", importlib.metadata.version("distilabel"), args.n, distiset["default"]["train"].to_list(),
+           "generation", seconds, None)
 
 
 if __name__ == "__main__":
