@@ -1,31 +1,45 @@
-"""The cache and the records: one DuckDB file per workspace.
+"""The store: one DuckDB file per workspace, and the only code that writes it.
 
 Tables in `main`:
-    calls      one row per sample, keyed by SHA-256 (see `call_key`)
-    runs       one row per run: pipeline, spec hash, status, counts
+    calls      one row per sample, keyed by SHA-256 (see `call_key`): the ledger of what was paid for
+    embeddings one vector per (model, text)
+    runs       one row per run: pipeline, namespace, spec hash, status, counts, pinned
     failures   calls that failed after retries, and stages that crashed
     metrics    numbers evaluators return, per run
-    memo       stage fingerprints (see Runner._fingerprint): which run's table a later run may reuse,
+    memo       stage fingerprints (see reuse in runner.py): which run's table a later run may reuse,
                and `origin`, the run whose schema holds its rows
-Each run writes its stage tables into its own schema `run_<id>` and then
-points a view `main.<stage>` at them, so `retort show STAGE` reads the latest
-run and `--run N` any earlier one. A stage a run reuses unchanged is a view in
-its schema onto the run that built it; pruning an old run first moves such
-rows into the newest run that still uses them.
+Each run writes its stage tables into its own schema `run_<id>`. Only a run that ends
+complete (status `ok`) becomes the latest: views `<namespace>.<stage>` (the namespace is the
+pipeline's name) and, for convenience, `main.<stage>` then point at its tables. A run
+that fails, is interrupted or crashes keeps its tables under its number and changes no view.
 
-Writes are group commits of Arrow batches, never row by row (DuckDB's
-executemany manages ~2,000 rows/s here; an Arrow insert, millions). The runner
-calls `maybe_flush()` as it goes and a ticker flushes at least once a second,
-so a process killed with SIGKILL loses at most the last second of calls.
+Invariants (DESIGN.md, "the store"):
+  - Calls are a ledger, committed on their own: calls, embeddings and failures go in one
+    transaction, stage rows in the next, so no stage-row problem can roll a call back. A
+    buffer is released only after its COMMIT; a write that fails stays queued and is retried,
+    and a third failure in a row fails the run loudly (never silently, never in a task that
+    nobody awaits).
+  - Stage rows have no Arrow type errors: a column whose values do not share one type is
+    stored as text (strings as they are, anything else as JSON); a table whose column type no
+    longer fits is widened (integer to double, anything to text), never a lost batch.
+  - Group commit: rows are buffered and written as Arrow batches at least once a second on a
+    writer thread of their own (the event loop keeps sending requests while DuckDB commits);
+    a process killed with SIGKILL loses at most the last second of calls.
+  - Retention: stage tables of the last KEEP_RUNS runs, of the latest complete run of every
+    namespace and of every pinned run are kept; calls are kept forever, so a pruned table is
+    rebuilt by rerunning at no cost.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,28 +47,32 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from retort.errors import CacheError
+from retort.datasets import table_from_rows
+from retort.errors import CacheError, NotFoundError
 
 FLUSH_SECONDS = 1.0
 FLUSH_ROWS = 50_000
 KEEP_RUNS = 20
+WRITE_ATTEMPTS = 3  # a write that fails this many times in a row fails the run
+RESERVED_SCHEMAS = frozenset({"main", "temp", "information_schema", "pg_catalog", "system"})
 
 CALL_FIELDS = [
     ("key", pa.string()), ("model", pa.string()), ("request", pa.string()),
     ("sample", pa.int32()), ("attempt", pa.int32()), ("text", pa.string()), ("finish_reason", pa.string()),
-    ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()), ("latency_ms", pa.float64()),
+    ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("latency_ms", pa.float64()),
     ("run_id", pa.int32()), ("stage", pa.string()), ("created_at", pa.timestamp("us")),
 ]
 CALL_SCHEMA = pa.schema(CALL_FIELDS)
 
 DDL = """
 CREATE TABLE IF NOT EXISTS calls (key VARCHAR, model VARCHAR, request JSON, sample INTEGER,
-    attempt INTEGER, text VARCHAR, finish_reason VARCHAR, prompt_tokens INTEGER, completion_tokens INTEGER,
+    attempt INTEGER, text VARCHAR, finish_reason VARCHAR, prompt_tokens BIGINT, completion_tokens BIGINT,
     latency_ms DOUBLE, run_id INTEGER, stage VARCHAR, created_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS embeddings (key VARCHAR, model VARCHAR, text VARCHAR, vector FLOAT[],
-    tokens INTEGER, run_id INTEGER, created_at TIMESTAMP);
+    tokens BIGINT, run_id INTEGER, created_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS runs (run_id INTEGER, pipeline VARCHAR, spec_path VARCHAR, spec_hash VARCHAR,
-    started_at TIMESTAMP, finished_at TIMESTAMP, status VARCHAR, argv VARCHAR, stats JSON);
+    started_at TIMESTAMP, finished_at TIMESTAMP, status VARCHAR, argv VARCHAR, stats JSON,
+    namespace VARCHAR, pinned BOOLEAN DEFAULT false);
 CREATE TABLE IF NOT EXISTS failures (run_id INTEGER, stage VARCHAR, row_id VARCHAR, call_key VARCHAR,
     error VARCHAR, status INTEGER, created_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS metrics (run_id INTEGER, pipeline VARCHAR, stage VARCHAR, name VARCHAR,
@@ -62,6 +80,12 @@ CREATE TABLE IF NOT EXISTS metrics (run_id INTEGER, pipeline VARCHAR, stage VARC
 CREATE TABLE IF NOT EXISTS memo (fingerprint VARCHAR, run_id INTEGER, stage VARCHAR, origin INTEGER,
     stats JSON, created_at TIMESTAMP);
 """
+# Files written before these columns existed are brought up to date when opened for writing.
+MIGRATIONS = {
+    ("calls", "prompt_tokens"): "ALTER TABLE calls ALTER prompt_tokens TYPE BIGINT",
+    ("calls", "completion_tokens"): "ALTER TABLE calls ALTER completion_tokens TYPE BIGINT",
+    ("embeddings", "tokens"): "ALTER TABLE embeddings ALTER tokens TYPE BIGINT",
+}
 
 
 def request_base(model: str, messages: list[dict[str, str]], params: dict[str, Any],
@@ -86,12 +110,40 @@ def call_key(base: bytes, sample: int, attempt: int = 0) -> str:
     return hashlib.sha256(base + suffix.encode()).hexdigest()
 
 
+def namespace_schema(namespace: str) -> str:
+    """The schema that holds a namespace's latest tables: the pipeline's name, unless DuckDB or
+    the store already uses that name."""
+    if namespace.lower() in RESERVED_SCHEMAS or re.fullmatch(r"run_\d+", namespace):
+        return f"pipeline_{namespace}"
+    return namespace
+
+
+def quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass
+class _Batch:
+    """Buffered writes, taken from the buffers together and committed ledger first."""
+
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+    vectors: list[tuple[Any, ...]] = field(default_factory=list)
+    failures: list[tuple[Any, ...]] = field(default_factory=list)
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    ledger_done: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.calls or self.vectors or self.failures or any(self.rows.values()))
+
+
 class Cache:
     def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only
         if read_only and not self.path.exists():
             raise CacheError(f"no retort database at {self.path}; run a pipeline first")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.con = duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.IOException as exc:
@@ -108,84 +160,166 @@ class Cache:
         self.con.execute("SET enable_external_access = false")
         if not read_only:
             self.con.execute(DDL)
+            self._migrate()
+        elif self.con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' "
+                              "AND table_name = 'runs'").fetchall()[0][0]:
+            # Opened read-only, so no process writes the file now: a run still `running` died (a
+            # writable open records that; a reader shows it, through a view of its own session).
+            catalog = quote(self.con.execute("SELECT current_database()").fetchall()[0][0])
+            self.con.execute("CREATE TEMP VIEW runs AS SELECT * REPLACE (CASE WHEN status = 'running' "
+                             f"THEN 'crashed' ELSE status END AS status) FROM {catalog}.main.runs")
         self._held = False  # a transaction start_run left open (see release)
+        self._lock = threading.Lock()  # every write to the file holds it
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writing: concurrent.futures.Future[None] | None = None
+        self._wcon: duckdb.DuckDBPyConnection | None = None
+        self._pending: list[_Batch] = []  # taken from the buffers, not yet committed
+        self._write_errors = 0
+        self._broken: CacheError | None = None
         self._calls: list[tuple[Any, ...]] = []
         self._call_index: dict[str, tuple[str, int, int]] = {}
         self._rows: dict[str, list[dict[str, Any]]] = {}
         self._created: set[str] = set()
-        self._types: dict[str, dict[str, pa.DataType]] = {}
+        self._types: dict[str, dict[str, pa.DataType]] = {}  # pinned Arrow types per table (vectors)
+        self._columns: dict[str, dict[str, str]] = {}  # DuckDB column types of the tables this process writes
+        self._provisional: dict[str, set[str]] = {}  # columns created from all-null batches: type not known yet
         self._failures: list[tuple[Any, ...]] = []
         self._vectors: list[tuple[Any, ...]] = []
         self._vector_index: dict[str, list[float]] = {}
         self.last_flush = time.monotonic()
         self.flushed_calls = 0
+        self._closed = False
+
+    def _migrate(self) -> None:
+        types = {(t, c): kind for t, c, kind in self.con.execute(
+            "SELECT table_name, column_name, data_type FROM duckdb_columns() WHERE schema_name = 'main' "
+            "AND table_name IN ('calls', 'embeddings', 'runs')").fetchall()}
+        for (table, col), statement in MIGRATIONS.items():
+            if types.get((table, col), "BIGINT") != "BIGINT":
+                self.con.execute(statement)
+        if ("runs", "namespace") not in types:
+            self.con.execute("ALTER TABLE runs ADD COLUMN namespace VARCHAR")
+            self.con.execute("UPDATE runs SET namespace = pipeline")
+        if ("runs", "pinned") not in types:
+            self.con.execute("ALTER TABLE runs ADD COLUMN pinned BOOLEAN DEFAULT false")
+        # One process holds the file at a time, so a run still `running` now died without closing it.
+        if self.con.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchall()[0][0]:
+            self.con.execute("UPDATE runs SET status = 'crashed', finished_at = coalesce(finished_at, now()) "
+                             "WHERE status = 'running'")
 
     # ------------------------------------------------------------ runs
 
-    def start_run(self, pipeline: str, spec_path: str, spec_hash: str, argv: str, *, hold: bool = False) -> int:
+    def start_run(self, pipeline: str, spec_path: str, spec_hash: str, argv: str, *, namespace: str | None = None,
+                  hold: bool = False) -> int:
         """Record a new run and make its schema. With `hold`, the transaction stays open until the
         first write that needs its own (`release`): a rerun whose stages are all reused then
         commits once, in finish_run, instead of once per statement."""
+        self._check_writes()
+        self._lock.acquire()
         self.con.execute("BEGIN")
         self._held = True
         try:
             run_id = int(self.con.execute(
-                "INSERT INTO runs SELECT coalesce(max(run_id), 0) + 1, ?, ?, ?, now(), NULL, 'running', ?, NULL "
-                "FROM runs RETURNING run_id", [pipeline, spec_path, spec_hash, argv]).fetchall()[0][0])
+                "INSERT INTO runs (run_id, pipeline, spec_path, spec_hash, started_at, status, argv, namespace) "
+                "SELECT coalesce(max(run_id), 0) + 1, ?, ?, ?, now(), 'running', ?, ? FROM runs RETURNING run_id",
+                [pipeline, spec_path, spec_hash, argv, namespace or pipeline]).fetchall()[0][0])
             self.con.execute(f"CREATE SCHEMA IF NOT EXISTS run_{run_id}")
         except BaseException:
             self._held = False
             self.con.execute("ROLLBACK")
+            self._lock.release()
             raise
         if not hold:
             self.release()
         return run_id
 
-    def latest_run(self) -> tuple[int, str, str, str, str | None] | None:
-        """(run_id, pipeline, spec_path, status, stats JSON) of the newest run, if any."""
-        rows = self.con.execute("SELECT run_id, pipeline, spec_path, status, stats FROM runs "
-                                "ORDER BY run_id DESC LIMIT 1").fetchall()
+    def latest_run(self, namespace: str | None = None) -> tuple[int, str, str, str, str | None] | None:
+        """(run_id, pipeline, spec_path, status, stats JSON) of the newest run (of a namespace), if any."""
+        where, args = ("WHERE coalesce(namespace, pipeline) = ? ", [namespace]) if namespace else ("", [])
+        rows = self.con.execute(f"SELECT run_id, pipeline, spec_path, status, stats FROM runs {where}"
+                                "ORDER BY run_id DESC LIMIT 1", args).fetchall()
         return rows[0] if rows else None
 
     def release(self) -> None:
         """Commit what start_run held open, if anything."""
         if self._held:
             self._held = False
-            self.con.execute("COMMIT")
+            try:
+                self.con.execute("COMMIT")
+            finally:
+                self._lock.release()
 
-    def finish_run(self, run_id: int, status: str, stats: dict[str, Any], stages: Iterable[str]) -> None:
-        """Point main's views at this run's tables and close its record. No CHECKPOINT here: DuckDB
-        folds the write-ahead log into the file once it passes 16 MB, and when the cache closes."""
-        self.flush()
+    def finish_run(self, run_id: int, status: str, stats: dict[str, Any], stages: Iterable[str],
+                   namespace: str) -> None:
+        """Close the run's record. A complete run (`ok`) becomes the latest of its namespace: its
+        views point at this run's tables. Any other status leaves every view as it was. No
+        CHECKPOINT here: DuckDB folds the write-ahead log into the file once it passes 16 MB."""
+        broken: CacheError | None = None
+        try:
+            self.flush()
+        except CacheError as exc:  # its calls are committed (the ledger goes first); its rows are not
+            broken, status = exc, "error"
         stages = set(stages)
-        schema = f"run_{run_id}"
         with self._transaction():
-            found = self.con.execute(
-                "SELECT schema_name, table_name FROM duckdb_tables() WHERE schema_name = ? UNION ALL "
-                "SELECT schema_name, view_name FROM duckdb_views() WHERE schema_name IN (?, 'main') AND NOT internal",
-                [schema, schema]).fetchall()
-            produced = {name for where, name in found if where == schema}
-            for name in sorted(produced):  # stage tables and the extra tables stages keep (`<stage>__<suffix>`)
-                if name in stages or name.split("__")[0] in stages:
-                    self.con.execute(f'CREATE OR REPLACE VIEW main."{name}" AS SELECT * FROM {schema}."{name}"')
-            for where, name in found:  # a table this pipeline's stages made before but not this time: no stale view
-                if where == "main" and name.split("__")[0] in stages and name not in produced:
-                    self.con.execute(f'DROP VIEW main."{name}"')
+            if status == "ok":
+                self._point_views(run_id, stages, namespace)
             self.con.execute("UPDATE runs SET finished_at = now(), status = ?, stats = ? WHERE run_id = ?",
-                             [status, orjson.dumps(stats).decode(), run_id])
+                             [status, orjson.dumps(stats, default=str).decode(), run_id])
+        if broken is not None:
+            raise broken
         self._prune(run_id)
 
+    def _point_views(self, run_id: int, stages: set[str], namespace: str) -> None:
+        schema, target = f"run_{run_id}", namespace_schema(namespace)
+        found = self.con.execute(
+            "SELECT schema_name, table_name FROM duckdb_tables() WHERE schema_name = ? UNION ALL "
+            "SELECT schema_name, view_name FROM duckdb_views() WHERE schema_name IN (?, ?, 'main') AND NOT internal",
+            [schema, schema, target]).fetchall()
+        produced = {name for where, name in found if where == schema}
+        self.con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(target)}")
+        for name in sorted(produced):  # stage tables and the extra tables stages keep (`<stage>__<suffix>`)
+            if name in stages or name.split("__")[0] in stages:
+                for view_schema in (quote(target), "main"):
+                    self.con.execute(f'CREATE OR REPLACE VIEW {view_schema}.{quote(name)} AS '
+                                     f'SELECT * FROM {schema}.{quote(name)}')
+        for where, name in found:  # a table this pipeline made before but not this time: no stale view
+            if where in ("main", target) and name.split("__")[0] in stages and name not in produced:
+                self.con.execute(f"DROP VIEW {quote(where)}.{quote(name)}")
+
+    def pin(self, run_id: int, pinned: bool = True) -> None:
+        """Keep (or stop keeping) a run's tables whatever its age."""
+        with self._transaction():
+            found = self.con.execute("UPDATE runs SET pinned = ? WHERE run_id = ? RETURNING run_id",
+                                     [pinned, run_id]).fetchall()
+        if not found:
+            raise CacheError(f"no run {run_id} in {self.path}")
+        if not pinned:
+            self._prune(self.con.execute("SELECT max(run_id) FROM runs").fetchall()[0][0] or 0)
+
+    def kept_runs(self, newest: int) -> set[int]:
+        """Runs whose tables retention keeps: the last KEEP_RUNS, the latest complete run of every
+        namespace, every pinned run, and any run still running."""
+        rows = self.con.execute(
+            "SELECT run_id FROM runs WHERE run_id > ? OR pinned OR status = 'running' UNION "
+            "SELECT max(run_id) FROM runs WHERE status = 'ok' GROUP BY coalesce(namespace, pipeline)",
+            [newest - KEEP_RUNS]).fetchall()
+        return {int(r[0]) for r in rows if r[0] is not None}
+
     def _prune(self, run_id: int) -> None:
-        """Keep the stage tables of the last KEEP_RUNS runs; calls are kept forever."""
+        """Drop the stage tables of runs retention does not keep; calls are kept forever."""
         if run_id <= KEEP_RUNS:
             return
+        kept = self.kept_runs(run_id)
         for (schema,) in self.con.execute(
                 "SELECT schema_name FROM duckdb_schemas() WHERE schema_name LIKE 'run_%' "
                 "AND TRY_CAST(substr(schema_name, 5) AS INTEGER) <= ?", [run_id - KEEP_RUNS]).fetchall():
+            old = int(schema[4:])
+            if old in kept:
+                continue
             with self._transaction():
-                self._rehome(int(schema[4:]))
+                self._rehome(old)
                 self.con.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-                self.con.execute("DELETE FROM memo WHERE origin = ?", [int(schema[4:])])  # their rows are gone
+                self.con.execute("DELETE FROM memo WHERE origin = ?", [old])  # their rows are gone
 
     def _rehome(self, old: int) -> None:
         """Before run `old` is dropped: a later run that reuses one of its tables (a view onto it) gets
@@ -210,16 +344,94 @@ class Cache:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        if self._held:  # this transaction takes over the one start_run held open
+        if self._held:  # this transaction takes over the one start_run held open (and its lock)
             self._held = False
         else:
+            self._lock.acquire()
             self.con.execute("BEGIN")
         try:
             yield
         except BaseException:
             self.con.execute("ROLLBACK")
+            self._lock.release()
             raise
-        self.con.execute("COMMIT")
+        try:
+            self.con.execute("COMMIT")
+        finally:
+            self._lock.release()
+
+    # ------------------------------------------------------------ naming tables for show/export
+
+    def resolve(self, name: str, run: int | None = None) -> tuple[str, int | None, str | None]:
+        """A table as a user names it, as (relation, run, run status): a record (`calls`, `runs`,
+        `failures`, `metrics`), `STAGE` (the latest complete run of the one pipeline that has it),
+        `PIPELINE.STAGE`, or with `run`, that run's table. Every miss says what to do instead."""
+        if run is None and name in ("calls", "runs", "failures", "metrics", "embeddings", "memo"):
+            return f"main.{quote(name)}", None, None
+        namespace, dot, stage = name.rpartition(".")
+        if run is not None:
+            return self._run_table(run, name if not dot else stage)
+        namespaces = [r[0] for r in self.con.execute(
+            "SELECT DISTINCT coalesce(namespace, pipeline) FROM runs WHERE status = 'ok' ORDER BY 1").fetchall()]
+        wanted = [namespace] if dot else namespaces
+        holders = []
+        for ns in wanted:
+            schema = namespace_schema(ns)
+            found = self.con.execute(
+                "SELECT view_name, sql FROM duckdb_views() WHERE schema_name = ? AND view_name = ?",
+                [schema, stage]).fetchall()
+            if found:
+                match = re.search(r"\brun_(\d+)\.", found[0][1])
+                holders.append((ns, schema, int(match.group(1)) if match else None))
+        if len(holders) > 1:
+            names = ", ".join(f"{ns}.{stage}" for ns, _, _ in holders)
+            raise NotFoundError(f"{stage!r} is a table of {len(holders)} pipelines; name one: {names}")
+        if holders:
+            _, schema, origin = holders[0]
+            return f"{quote(schema)}.{quote(stage)}", origin, "ok"
+        raise NotFoundError(self._missing(stage, namespace if dot else None, namespaces))
+
+    def _run_table(self, run: int, stage: str) -> tuple[str, int | None, str | None]:
+        record = self.con.execute("SELECT pipeline, status FROM runs WHERE run_id = ?", [run]).fetchall()
+        if not record:
+            raise NotFoundError(f"no run {run} in {self.path} (`retort list` shows the runs)")
+        pipeline, status = record[0]
+        if not self._schema_exists(f"run_{run}"):
+            raise NotFoundError(f"run {run}'s tables were pruned (retort keeps the last {KEEP_RUNS} runs, the latest "
+                                f"complete run of every pipeline and pinned runs); `retort run {pipeline}` with the "
+                                "same input and settings rebuilds them from the cache at 0 calls; "
+                                "`retort keep RUN` pins a run")
+        if not self.tables_exist(f"run_{run}", [stage]):
+            tables = [r[0] for r in self.con.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE schema_name = ? UNION "
+                "SELECT view_name FROM duckdb_views() WHERE schema_name = ? ORDER BY 1",
+                [f"run_{run}", f"run_{run}"]).fetchall()]
+            raise NotFoundError(f"run {run} ({pipeline}, {status}) has no table {stage!r} "
+                                f"(tables: {', '.join(tables) or 'none'})")
+        return f"run_{run}.{quote(stage)}", run, status
+
+    def _schema_exists(self, schema: str) -> bool:
+        return bool(self.con.execute("SELECT count(*) FROM duckdb_schemas() WHERE schema_name = ?",
+                                     [schema]).fetchall()[0][0])
+
+    def _missing(self, stage: str, namespace: str | None, namespaces: list[str]) -> str:
+        """Why no latest table is named `stage`, and what to do."""
+        where = f"pipeline {namespace!r} has" if namespace else "no pipeline has"
+        made = self.con.execute(
+            "SELECT r.run_id, r.pipeline, r.status FROM runs r WHERE list_contains("
+            "list_transform(CAST(json_extract(r.stats, '$.stages') AS JSON[]), s -> s->>'name'), ?) "
+            + ("AND coalesce(r.namespace, r.pipeline) = ? " if namespace else "")
+            + "ORDER BY r.run_id DESC LIMIT 1", [stage, namespace] if namespace else [stage]).fetchall()
+        if made:
+            run, pipeline, status = made[0]
+            if status != "ok" and self._schema_exists(f"run_{run}"):
+                return (f"{where} a complete run with a table {stage!r}; run {run} ({pipeline}) is {status}: "
+                        f"`--run {run}` shows its rows, and `retort run {pipeline}` completes it (cached calls "
+                        "are not made again)")
+            return (f"{where} a kept table {stage!r}: run {run} ({pipeline}) made it and its tables were pruned; "
+                    f"`retort run {pipeline}` with the same input and settings rebuilds it from the cache at 0 calls")
+        known = ", ".join(namespaces) or "none yet"
+        return f"{where} a table {stage!r} (pipelines with complete runs: {known}; `retort list` shows their tables)"
 
     # ------------------------------------------------------------ whole stage tables
 
@@ -230,6 +442,9 @@ class Cache:
         count, total, mixed = self.con.execute(
             f"SELECT count(*), sum(hash(t))::HUGEINT, bit_xor(hash(t)) FROM {table} t").fetchall()[0]
         return hashlib.sha256(repr(([c[:2] for c in columns], count, total, mixed)).encode()).hexdigest()
+
+    def count(self, table: str) -> int:
+        return int(self.con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
 
     def builds(self, stages: Iterable[str]) -> dict[tuple[str, str], tuple[int, int, str]]:
         """(stage, fingerprint) → (the latest run that built it, the run whose schema holds the rows, its
@@ -250,9 +465,25 @@ class Cache:
                 if (origin, stage) in tables}
 
     def remember(self, fingerprint: str, run_id: int, stage: str, origin: int, stats: dict[str, Any]) -> None:
-        self.release()
-        self.con.execute("INSERT INTO memo VALUES (?, ?, ?, ?, ?, now())",
-                         [fingerprint, run_id, stage, origin, orjson.dumps(stats).decode()])
+        with self._writes():
+            self.con.execute("INSERT INTO memo VALUES (?, ?, ?, ?, ?, now())",
+                             [fingerprint, run_id, stage, origin, orjson.dumps(stats, default=str).decode()])
+
+    def record_metrics(self, rows: list[list[Any]]) -> None:
+        """(run_id, pipeline, stage, name, value, data JSON) rows into `metrics`."""
+        with self._writes():
+            for row in rows:
+                self.con.execute("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, now())", row)
+
+    def execute(self, sql: str) -> None:
+        """A statement of retort's own that writes (a view, an empty stage table); inside what
+        start_run holds open, if it still is."""
+        self._check_writes()
+        if self._held:  # this thread holds the lock with the transaction
+            self.con.execute(sql)
+            return
+        with self._lock:
+            self.con.execute(sql)
 
     def table_exists(self, schema: str, name: str) -> bool:
         """Whether `schema."name"` is a table or view (schema `temp`: a dry run's temporary table)."""
@@ -266,7 +497,7 @@ class Cache:
 
     def tables_exist(self, schema: str, names: Iterable[str]) -> bool:
         """Whether every `schema."name"` is a table or view, in one query (not while start_run holds)."""
-        tables = ", ".join(f'{schema}."{name}"' for name in names)
+        tables = ", ".join(f"{quote(schema)}.{quote(name)}" for name in names)
         try:  # binding a query is the cheapest test (a catalog scan costs several times more)
             self.con.execute(f"SELECT NULL FROM {tables} LIMIT 0")
         except duckdb.CatalogException:
@@ -277,7 +508,8 @@ class Cache:
 
     def lookup(self, keys: list[str]) -> dict[str, tuple[str, int, int]]:
         """key → (text, prompt_tokens, completion_tokens) for the keys already cached."""
-        found = {k: self._call_index[k] for k in keys if k in self._call_index}
+        index = self._call_index
+        found = {k: index[k] for k in keys if k in index}
         if len(found) == len(keys):
             return found
         batch = pa.table({"key": pa.array(keys, pa.string())})
@@ -331,93 +563,226 @@ class Cache:
 
     def write_table(self, table: str, data: pa.Table) -> None:
         """Create or replace a whole table from Arrow (input tables, SQL and Python stage results)."""
-        self.release()
-        data = _nulls_as_strings(data)
-        self.con.register("_batch", data)
-        try:
-            self.con.execute(f"{create(table)} AS SELECT * FROM _batch")
-        finally:
-            self.con.unregister("_batch")
-        self._created.add(table)
+        with self._writes():
+            self._create(self.con, table, data)
 
     def drop_table(self, table: str) -> None:
-        self.release()
-        self.con.execute(f"DROP TABLE IF EXISTS {table}")
+        with self._writes():
+            self.con.execute(f"DROP TABLE IF EXISTS {table}")
         self._created.discard(table)
+        self._columns.pop(table, None)
         self._rows.pop(table, None)
+
+    @contextlib.contextmanager
+    def _writes(self) -> Iterator[None]:
+        """A write of retort's own, on the calling thread: after what start_run held, never beside a
+        group commit."""
+        self._check_writes()
+        self.release()
+        with self._lock:
+            yield
 
     # ------------------------------------------------------------ group commit
 
     def maybe_flush(self) -> None:
+        """Start a group commit on the writer thread when one is due; never waits for it."""
+        self._check_writes()
+        if self._writing is not None:
+            return
         pending = len(self._calls) + len(self._vectors) + sum(len(r) for r in self._rows.values())
         if pending >= FLUSH_ROWS or (pending and time.monotonic() - self.last_flush >= FLUSH_SECONDS):
-            self.flush()
+            self._take()
+            self.last_flush = time.monotonic()
+            if self._writer is None:
+                self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retort-writer")
+            self.release()
+            if any(t.startswith("temp.") for b in self._pending for t in b.rows):
+                self.flush()  # a dry run's temporary tables belong to this connection alone
+                return
+            if self._wcon is None:
+                self._wcon = self.con.cursor()  # the writer thread's own connection to the same database
+            self._writing = self._writer.submit(self._write_pending, self._wcon)
 
     def flush(self) -> None:
-        """One transaction: calls first, then the stage rows that depend on them."""
-        calls, self._calls = self._calls, []
-        rows, self._rows = self._rows, {}
-        failures, self._failures = self._failures, []
-        vectors, self._vectors = self._vectors, []
+        """Commit everything buffered, on this thread, before returning (a stage boundary, the end)."""
+        self._wait()
+        self._take()
         self.last_flush = time.monotonic()
-        if not (calls or rows or failures or vectors):
-            return
-        self.release()
-        now = pa.scalar(time.time_ns() // 1000, pa.timestamp("us"))
-        self.con.execute("BEGIN")
-        try:
-            if calls:
-                cols = list(zip(*calls, strict=True))
-                arrays = [pa.array(col, type=f[1]) for col, f in zip(cols[:-1], CALL_FIELDS[:-1], strict=True)]
-                arrays.append(pa.array([now.value] * len(calls), pa.timestamp("us")))
-                self._insert("calls", pa.Table.from_arrays(arrays, schema=CALL_SCHEMA))
-            if vectors:
-                cols = list(zip(*vectors, strict=True))
-                self._insert("embeddings", pa.table({
-                    "key": pa.array(cols[0], pa.string()), "model": pa.array(cols[1], pa.string()),
-                    "text": pa.array(cols[2], pa.string()), "vector": pa.array(cols[3], pa.list_(pa.float32())),
-                    "tokens": pa.array(cols[4], pa.int32()), "run_id": pa.array(cols[5], pa.int32()),
-                    "created_at": pa.array([now.value] * len(vectors), pa.timestamp("us"))}))
-            for table, batch in rows.items():
-                if batch:
-                    data = pa.Table.from_pylist(batch)  # a stage's rows share their keys
-                    for column, kind in self._types.get(table, {}).items():
-                        i = data.schema.get_field_index(column)
-                        data = data.set_column(i, pa.field(column, kind), data.column(i).cast(kind))
-                    self._insert(table, _nulls_as_strings(data))
-            if failures:
-                self._insert("failures", pa.table({
-                    "run_id": [f[0] for f in failures], "stage": [f[1] for f in failures],
-                    "row_id": pa.array([f[2] for f in failures], pa.string()),
-                    "call_key": pa.array([f[3] for f in failures], pa.string()),
-                    "error": [f[4] for f in failures], "status": pa.array([f[5] for f in failures], pa.int32()),
-                    "created_at": pa.array([now.value] * len(failures), pa.timestamp("us"))}))
-            self.con.execute("COMMIT")
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
-        self.flushed_calls += len(calls)
-        for call in calls:  # flushed calls are found by SQL now; keep the in-memory index small
-            self._call_index.pop(call[0], None)
-        for vector in vectors:
-            self._vector_index.pop(vector[0], None)
+        while self._pending:
+            self.release()
+            try:
+                self._write_pending(self.con)
+            except Exception as exc:
+                self._settle(exc)
+                continue
+            self._settle(None)
 
-    def _insert(self, table: str, data: pa.Table) -> None:
-        self.con.register("_batch", data)
+    def _check_writes(self) -> None:
+        """Settle a finished background write; raise if writes keep failing."""
+        if self._broken is not None:
+            raise self._broken
+        if self._writing is not None and self._writing.done():
+            self._settle(self._writing.exception())
+
+    def _wait(self) -> None:
+        if self._writing is not None:
+            concurrent.futures.wait([self._writing])
+            self._settle(self._writing.exception())
+
+    def _take(self) -> None:
+        batch = _Batch(self._calls, self._vectors, self._failures, self._rows)
+        self._calls, self._vectors, self._failures, self._rows = [], [], [], {}
+        if batch:
+            self._pending.append(batch)
+
+    def _settle(self, exc: BaseException | None) -> None:
+        """On the caller's thread, after a write: forget what was committed, or count the failure.
+        Batches that failed stay queued, in order, for the next write."""
+        self._writing = None
+        done = [b for b in self._pending if b.ledger_done and not any(b.rows.values())]
+        for batch in done:
+            self.flushed_calls += len(batch.calls)
+            for call in batch.calls:  # flushed calls are found by SQL now; keep the in-memory index small
+                self._call_index.pop(call[0], None)
+            for vector in batch.vectors:
+                self._vector_index.pop(vector[0], None)
+        self._pending = [b for b in self._pending if b not in done]
+        if exc is None:
+            self._write_errors = 0
+            return
+        self._write_errors += 1
+        if self._write_errors >= WRITE_ATTEMPTS:
+            calls = sum(len(b.calls) for b in self._pending if not b.ledger_done)
+            rows = sum(len(r) for b in self._pending for r in b.rows.values())
+            self._broken = CacheError(f"cannot write to {self.path} ({WRITE_ATTEMPTS} attempts): "
+                                      f"{type(exc).__name__}: {exc}; {calls} calls and {rows} stage rows are "
+                                      "not saved")
+            raise self._broken from exc
+
+    def _write_pending(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Commit the queued batches in order: per batch, the ledger (calls, vectors, failures) in one
+        transaction, then its stage rows in another. A batch's ledger is never written twice."""
+        for batch in list(self._pending):
+            if not batch.ledger_done:
+                with self._lock:
+                    self._commit(con, lambda b=batch: self._write_ledger(con, b))
+                batch.ledger_done = True
+            if any(batch.rows.values()):
+                with self._lock:
+                    self._commit(con, lambda b=batch: self._write_rows(con, b))
+                batch.rows = {}
+
+    @staticmethod
+    def _commit(con: duckdb.DuckDBPyConnection, work: Any) -> None:
+        con.execute("BEGIN")
         try:
-            if table in self._created or table in ("calls", "failures", "embeddings"):
-                self.con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
-            else:
-                self.con.execute(f"{create(table)} AS SELECT * FROM _batch")
-                self._created.add(table)
+            work()
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def _write_ledger(self, con: duckdb.DuckDBPyConnection, batch: _Batch) -> None:
+        now = pa.array([time.time_ns() // 1000], pa.timestamp("us"))[0]
+        if batch.calls:
+            cols = list(zip(*batch.calls, strict=True))
+            arrays = [pa.array(col, type=f[1]) for col, f in zip(cols[:-1], CALL_FIELDS[:-1], strict=True)]
+            arrays.append(pa.array([now.value] * len(batch.calls), pa.timestamp("us")))
+            self._insert(con, "calls", pa.Table.from_arrays(arrays, schema=CALL_SCHEMA))
+        if batch.vectors:
+            cols = list(zip(*batch.vectors, strict=True))
+            self._insert(con, "embeddings", pa.table({
+                "key": pa.array(cols[0], pa.string()), "model": pa.array(cols[1], pa.string()),
+                "text": pa.array(cols[2], pa.string()), "vector": pa.array(cols[3], pa.list_(pa.float32())),
+                "tokens": pa.array(cols[4], pa.int64()), "run_id": pa.array(cols[5], pa.int32()),
+                "created_at": pa.array([now.value] * len(batch.vectors), pa.timestamp("us"))}))
+        if batch.failures:
+            f = batch.failures
+            self._insert(con, "failures", pa.table({
+                "run_id": pa.array([x[0] for x in f], pa.int32()), "stage": pa.array([x[1] for x in f], pa.string()),
+                "row_id": pa.array([x[2] for x in f], pa.string()),
+                "call_key": pa.array([x[3] for x in f], pa.string()),
+                "error": pa.array([x[4] for x in f], pa.string()),
+                "status": pa.array([x[5] if isinstance(x[5], int) and -2**31 <= x[5] < 2**31 else None for x in f],
+                                   pa.int32()),
+                "created_at": pa.array([now.value] * len(f), pa.timestamp("us"))}))
+
+    def _write_rows(self, con: duckdb.DuckDBPyConnection, batch: _Batch) -> None:
+        for table, rows in batch.rows.items():
+            if rows:
+                self._insert(con, table, table_from_rows(rows, lenient=True, types=self._types.get(table)))
+
+    def _insert(self, con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
+        if table in ("calls", "failures", "embeddings"):
+            _register_and(con, data, f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
+        elif table not in self._created:
+            self._create(con, table, data)
+        else:
+            self._append(con, table, data)
+
+    def _create(self, con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
+        provisional = {f.name for f in data.schema if pa.types.is_null(f.type)}
+        data = _nulls_as_strings(data)
+        _register_and(con, data, f"{create(table)} AS SELECT * FROM _batch")
+        self._created.add(table)
+        self._columns[table] = {name: kind for name, kind, *_ in con.execute(f"DESCRIBE {table}").fetchall()}
+        self._provisional[table] = provisional
+
+    def _append(self, con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
+        """Insert a batch into a table made by an earlier batch, widening the table where the batch's
+        types do not fit (see the module docstring); never fails on a type."""
+        have, provisional = self._columns[table], self._provisional.setdefault(table, set())
+        con.register("_batch", data)
+        try:
+            incoming = {name: kind for name, kind, *_ in con.execute("DESCRIBE SELECT * FROM _batch").fetchall()}
+            select = []
+            for name, kind in incoming.items():
+                column = quote(name)
+                current = have.get(name)
+                if kind == '"NULL"' or kind == "NULL":
+                    pass
+                elif current is None:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                    have[name] = kind
+                elif current != kind:
+                    if name in provisional:
+                        con.execute(f"ALTER TABLE {table} ALTER {column} TYPE {kind}")
+                        have[name] = kind
+                    elif current in ("BIGINT", "INTEGER") and kind == "DOUBLE":
+                        con.execute(f"ALTER TABLE {table} ALTER {column} TYPE DOUBLE")
+                        have[name] = kind
+                    elif not (current == "DOUBLE" and kind in ("BIGINT", "INTEGER")):
+                        if current != "VARCHAR":
+                            con.execute(f"ALTER TABLE {table} ALTER {column} TYPE VARCHAR "
+                                             f"USING to_json({column})::VARCHAR")
+                            have[name] = "VARCHAR"
+                        if kind != "VARCHAR":
+                            select.append(f"to_json({column})::VARCHAR AS {column}")
+                            continue
+                    provisional.discard(name)
+                else:
+                    provisional.discard(name)
+                if kind not in ('"NULL"', "NULL"):
+                    provisional.discard(name)
+                select.append(column)
+            if select:
+                con.execute(f"INSERT INTO {table} BY NAME SELECT {', '.join(select)} FROM _batch")
         finally:
-            self.con.unregister("_batch")
+            con.unregister("_batch")
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
-            self.flush()
+            if not self.read_only and self._broken is None:  # a broken store has said so already
+                self.flush()
             self.release()
         finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+            if self._wcon is not None:
+                self._wcon.close()
             self.con.close()
 
 
@@ -427,9 +792,17 @@ def create(table: str) -> str:
     return f"CREATE OR REPLACE {temp}TABLE {table}"
 
 
+def _register_and(con: duckdb.DuckDBPyConnection, data: pa.Table, sql: str) -> None:
+    con.register("_batch", data)
+    try:
+        con.execute(sql)
+    finally:
+        con.unregister("_batch")
+
+
 def _nulls_as_strings(table: pa.Table) -> pa.Table:
     """A column that is all null in a batch has Arrow type null; store it as text."""
-    for i, field in enumerate(table.schema):
-        if pa.types.is_null(field.type):
-            table = table.set_column(i, pa.field(field.name, pa.string()), table.column(i).cast(pa.string()))
+    for i, field_ in enumerate(table.schema):
+        if pa.types.is_null(field_.type):
+            table = table.set_column(i, pa.field(field_.name, pa.string()), table.column(i).cast(pa.string()))
     return table

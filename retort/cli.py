@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from retort import __version__
-from retort.errors import NotFoundError, RetortError, UserError
+from retort.errors import RetortError, UserError
 
 EXIT_FAILURES = 1
 
@@ -51,7 +51,8 @@ def _runner(args: argparse.Namespace, mode: str, cache: Any, progress: Any = Non
     targets = {name: backends.parse_target(t) for name, t in _kv(args.model, "--model").items()}
     return Runner(ws, pipeline, source, cache, mode=mode, input_path=args.input, columns=_kv(args.map, "--map"),
                   limit=args.limit, model_targets=targets, progress=progress, max_retries=args.retries,
-                  argv=shlex.join(sys.argv[1:]), reuse=not getattr(args, "no_reuse", False))
+                  argv=shlex.join(sys.argv[1:]), reuse=not getattr(args, "no_reuse", False),
+                  max_failures=getattr(args, "max_failures", 0))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -59,10 +60,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from retort.progress import RichProgress, print_summary
 
     cache = Cache(_db_path(args))
+    runner = None
     try:
         with RichProgress(enabled=not args.quiet) as progress:
             runner = _runner(args, "run", cache, progress)
-            result = asyncio.run(runner.execute())
+            result = _until_signalled(runner.execute())
+    except (KeyboardInterrupt, Terminated, asyncio.CancelledError) as exc:
+        run = runner.run_id if runner is not None else None
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        kept = f"run {run} is kept as interrupted; " if run else ""
+        print(f"{what}: completed calls are saved; {kept}the latest complete tables are unchanged; "
+              "run again to resume", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     finally:
         cache.close()
     if args.json:
@@ -71,10 +80,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_summary(result)
     failures = result.failures
     if failures > args.max_failures:
-        print(f"{failures} failure(s), more than --max-failures {args.max_failures}; "
-              f"see `retort show failures`", file=sys.stderr)
+        print(f"{failures} failure(s), more than --max-failures {args.max_failures}: run {result.run_id} is kept "
+              f"as failed and the latest complete tables are unchanged; `retort show failures` lists them, and "
+              f"running again retries only them", file=sys.stderr)
         return EXIT_FAILURES
     return 0
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: handled like Ctrl-C (the run flushes, records itself, and stops)."""
+
+
+def _until_signalled(coro: Any) -> Any:
+    """Run `coro`; SIGTERM cancels it like Ctrl-C does, so its `finally` blocks save what is done."""
+    import signal
+
+    got: list[int] = []
+
+    async def main() -> Any:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            got.append(signal.SIGTERM)
+            assert task is not None
+            task.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGTERM, stop)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            return await coro
+        try:
+            return await coro
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if got:
+            raise Terminated() from None
+        raise
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -128,25 +174,32 @@ def cmd_list(args: argparse.Namespace) -> int:
     console.print(table)
     db = _db_path(args)
     if db.exists():
-        from retort.cache import Cache
+        from retort.cache import Cache, namespace_schema
 
         cache = Cache(db, read_only=True)
         try:
-            runs = cache.con.execute("SELECT run_id, pipeline, status, started_at, "
-                                     "round(epoch(finished_at - started_at), 1), stats->>'calls_made', "
-                                     "stats->>'cache_hits' FROM runs ORDER BY run_id DESC LIMIT 10").fetchall()
-            stage_names = [r[0] for r in cache.con.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
-                "AND table_type = 'VIEW' ORDER BY 1").fetchall()]
+            runs = cache.con.execute("SELECT run_id, pipeline, status || CASE WHEN pinned THEN ' (pinned)' "
+                                     "ELSE '' END, started_at, round(epoch(finished_at - started_at), 1), "
+                                     "stats->>'calls_made', stats->>'cache_hits' FROM runs "
+                                     "ORDER BY run_id DESC LIMIT 10").fetchall()
+            latest = cache.con.execute(
+                "SELECT coalesce(namespace, pipeline), max(run_id) FROM runs WHERE status = 'ok' "
+                "GROUP BY 1 ORDER BY 1").fetchall()
+            stage_names = {ns: [r[0] for r in cache.con.execute(
+                "SELECT view_name FROM duckdb_views() WHERE schema_name = ? AND NOT internal ORDER BY 1",
+                [namespace_schema(ns)]).fetchall()] for ns, _ in latest}
         finally:
             cache.con.close()
         runs_table = Table(title=f"recent runs in {_short(db)}", title_justify="left")
         for col in ("run", "pipeline", "status", "started", "seconds", "calls made", "cache hits"):
-            runs_table.add_column(col)
+            runs_table.add_column(col, overflow="fold")
         for r in runs:
             runs_table.add_row(*(str(x) if x is not None else "" for x in r))
         console.print(runs_table)
-        console.print(f"stage tables: {', '.join(stage_names) or 'none'}")
+        if not latest:
+            console.print("stage tables: none (no complete run yet)")
+        for ns, run_id in latest:
+            console.print(f"{ns} (latest complete: run {run_id}): {', '.join(stage_names[ns]) or 'no tables'}")
     return 0
 
 
@@ -164,19 +217,12 @@ def _open_read(args: argparse.Namespace) -> Any:
 
 
 def _relation(cache: Any, stage: str, run: int | None) -> str:
-    records = {"calls", "runs", "failures", "metrics"}
-    if stage in records and run is None:
-        return f'main."{stage}"'
-    if run is None:
-        exists = cache.table_exists("main", stage)
-        if not exists:
-            names = [r[0] for r in cache.con.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1").fetchall()]
-            raise NotFoundError(f"no stage table {stage!r} (tables: {', '.join(names)})")
-        return f'main."{stage}"'
-    if not cache.table_exists(f"run_{run}", stage):
-        raise NotFoundError(f"run {run} has no table {stage!r} (only the last 20 runs keep their tables)")
-    return f'run_{run}."{stage}"'
+    """`STAGE`, `PIPELINE.STAGE` or a record, as a relation (see Cache.resolve); a table of a run
+    that did not complete is shown with a warning."""
+    relation, run_id, status = cache.resolve(stage, run)
+    if status not in (None, "ok"):
+        print(f"warning: run {run_id} is {status}: {stage} may be incomplete", file=sys.stderr)
+    return str(relation)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -264,6 +310,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keep(args: argparse.Namespace) -> int:
+    from retort.cache import Cache
+
+    cache = Cache(_db_path(args))
+    try:
+        for run in args.runs:
+            cache.pin(run, not args.unpin)
+    finally:
+        cache.close()
+    runs = ", ".join(str(r) for r in args.runs)
+    print(f"run {runs}: {'no longer pinned' if args.unpin else 'pinned: its tables are kept whatever its age'}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from retort.spec import json_schema
 
@@ -338,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="cache statistics")
     p.add_argument("action", choices=["stats"])
     p.set_defaults(func=cmd_cache)
+    p = sub.add_parser("keep", help="pin runs: their tables are kept whatever their age")
+    p.add_argument("runs", type=int, nargs="+", metavar="RUN")
+    p.add_argument("--unpin", action="store_true", help="let retention drop them again")
+    p.set_defaults(func=cmd_keep)
     p = sub.add_parser("schema", help="the JSON Schema of the pipeline spec")
     p.set_defaults(func=cmd_schema)
     from retort import compare

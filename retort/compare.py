@@ -404,7 +404,8 @@ class Comparer:
             with RichProgress(enabled=self.progress) as progress:
                 runner = Runner(self.ws, run.pipeline, psrc, self.cache, mode="run", input_path=self.input_path,
                                 columns=self.spec.dataset.columns, limit=self.limit, model_targets=targets,
-                                progress=progress, max_retries=self.max_retries, argv=argv)
+                                progress=progress, max_retries=self.max_retries, argv=argv,
+                                namespace=f"{self.spec.name}/{run.name}")
                 result = asyncio.run(runner.execute())
             run.run_id = result.run_id
             totals = result.totals()

@@ -81,13 +81,14 @@ def _jsonl_rows(path: Path, limit: int | None) -> list[dict[str, object]]:
     return rows
 
 
-def table_from_rows(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+def table_from_rows(rows: Sequence[Mapping[str, Any]], *, lenient: bool = False,
+                    types: Mapping[str, pa.DataType] | None = None) -> pa.Table:
     """Rows of dicts (a Python stage's output, a JSONL file read row by row) as an Arrow table.
 
     Every key any row has becomes a column, in order of first appearance, null where a row
     lacks it. `pa.Table.from_pylist` keeps only the first row's keys and silently drops a
-    column that starts on row 2. (For rows known to share their keys, like a prompt stage's,
-    from_pylist is about twice as fast, and the cache uses it.)
+    column that starts on row 2. `types` pins the type of some columns. With `lenient`, a column
+    whose values do not share one type is stored as text (see `column`) instead of failing.
     """
     if not rows:
         return pa.table({})
@@ -96,7 +97,35 @@ def table_from_rows(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     for row in rows:
         if row.keys() != first:
             names.update(dict.fromkeys(row))
-    return pa.Table.from_arrays([pa.array([row.get(name) for row in rows]) for name in names], names=list(names))
+    types = types or {}
+    if not lenient:
+        return pa.Table.from_arrays([pa.array([row.get(name) for row in rows], type=types.get(name))
+                                     for name in names], names=list(names))
+    return pa.Table.from_arrays([column([row.get(name) for row in rows], types.get(name)) for name in names],
+                                names=list(names))
+
+
+def column(values: list[Any], kind: pa.DataType | None = None) -> pa.Array:
+    """One column of stage rows, never an Arrow type error: values of one type become that type;
+    values that do not share one (a parsed field that is a number in one row and text in the
+    next, an integer past 2^63) become text, strings as they are and anything else as JSON."""
+    try:
+        return pa.array(values, type=kind)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError, OverflowError):
+        return pa.array(as_text(values), pa.string())
+
+
+def as_text(values: list[Any]) -> list[str | None]:
+    return [v if v is None or isinstance(v, str) else json_text(v) for v in values]
+
+
+def json_text(value: Any) -> str:
+    try:
+        return orjson.dumps(value, default=str).decode()
+    except TypeError:  # orjson stops at 64-bit integers
+        import json
+
+        return json.dumps(value, default=str)
 
 
 def _from_rows(rows: list[dict[str, object]], path: Path) -> pa.Table:

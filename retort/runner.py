@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import hashlib
 import inspect
 import math
@@ -38,12 +37,23 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from retort import __version__, backends
 from retort.backends.base import Backend, Completion, Request
-from retort.cache import Cache, call_key, create, request_base
+from retort.cache import Cache, call_key, create, quote, request_base
 from retort.datasets import read_table, table_from_rows
-from retort.errors import BackendError, DatasetError, NotFoundError, ParseError, RetortError, SpecError, TemplateError
+from retort.errors import (
+    BackendError,
+    CacheError,
+    DatasetError,
+    NotFoundError,
+    ParseError,
+    RetortError,
+    SpecError,
+    TemplateError,
+)
 from retort.limits import Limiter
 from retort.parsers import Parser, build_parser
 from retort.spec import EmbedStage, ModelSpec, Pipeline, PromptStage, PythonStage, Source, SqlStage, with_params
+from retort.sql import NotReadOnly, check_select, first_line, literal
+from retort.sql import render as render_sql
 from retort.templates import Template, environment
 from retort.workspace import Workspace
 
@@ -190,7 +200,10 @@ class Runner:
                  limit: int | None = None, model_targets: dict[str, dict[str, Any]] | None = None,
                  progress: Progress | None = None, max_retries: int = 5,
                  backend_factory: Callable[[str, dict[str, Any]], Backend] | None = None,
-                 argv: str = "", reuse: bool = True) -> None:
+                 argv: str = "", reuse: bool = True, namespace: str | None = None,
+                 max_failures: int = 0) -> None:
+        """`namespace` names where the run's tables become the latest (default: the pipeline's
+        name); a run with more than `max_failures` failed calls ends `failed` and does not."""
         assert mode in ("run", "plan", "validate")
         self.ws, self.spec, self.src, self.cache = workspace, pipeline, source, cache
         self.mode, self.dry = mode, mode != "run"
@@ -202,6 +215,9 @@ class Runner:
         self.backend_factory = backend_factory or (lambda name, config: backends.create(name, config, workspace))
         self.argv = argv
         self.reuse = reuse and mode == "run"
+        self.namespace = namespace or pipeline.name or "pipeline"
+        self.max_failures = max_failures
+        self._began = time.monotonic()
         self._digests: dict[str, str] = {}  # table → content digest, computed when a fingerprint needs it
         self._builds: dict[tuple[str, str], tuple[int, int, str]] = {}  # (stage, fingerprint) → an earlier build
         self._known: dict[str, list[str]] = {}  # columns of the tables this run reused
@@ -270,38 +286,42 @@ class Runner:
     # ------------------------------------------------------------ run
 
     async def execute(self) -> RunResult:
+        """The run lifecycle: nothing to do (up to date); or pre-flight and input, then a run record,
+        the stages in order, and the record closed with its status. Only a complete run (`ok`)
+        becomes the latest; a run that fails before it starts leaves no record at all."""
         started = time.monotonic()
         result = RunResult(None, self.spec.name or "pipeline", str(self.cache.path), fingerprints=self._prints)
-        if self.reuse:
-            try:
-                done = self._up_to_date(result)
-            except BaseException:
-                await self._close_backends()
-                raise
-            if done:
-                await self._close_backends()
+        try:
+            if self.reuse and self._up_to_date(result):
                 result.seconds = time.monotonic() - started
                 return result
-        if self.mode == "run":
-            text = Path(self.src.file).read_bytes() if Path(self.src.file).is_file() else b""
-            spec_hash = hashlib.sha256(text + self.spec.model_dump_json().encode()).hexdigest()[:16]
-            # Held open while stages are only reused (views): a wholly reused rerun commits once.
-            self.run_id = self.cache.start_run(result.pipeline, self.src.file, spec_hash, self.argv,
-                                               hold=self.reuse)
-            result.run_id = self.run_id
-            self.schema = f"run_{self.run_id}"
+            self._began = started
+            await self.preflight()  # before any record: an unreachable model or a missing key changes nothing
             if self.reuse:
                 self._builds = self.cache.builds(["input", *(s.name for s in self.spec.stages)])
-        # A run allocates millions of short-lived objects and few long-lived ones: collecting the
-        # youngest generation every 700 allocations cost 20-40 us per call in the throughput benchmark.
-        threshold = gc.get_threshold()
-        gc.freeze()
-        gc.set_threshold(50_000, *threshold[1:])
+            source = self._read_input()
+            if self.mode == "run":
+                self._start(result)
+            await self._stages(result, source)
+        finally:
+            result.seconds = time.monotonic() - started
+            await self._close_backends()
+        return result
+
+    def _start(self, result: RunResult) -> None:
+        text = Path(self.src.file).read_bytes() if Path(self.src.file).is_file() else b""
+        spec_hash = hashlib.sha256(text + self.spec.model_dump_json().encode()).hexdigest()[:16]
+        # Held open while stages are only reused (views): a wholly reused rerun commits once.
+        self.run_id = self.cache.start_run(result.pipeline, self.src.file, spec_hash, self.argv,
+                                           namespace=self.namespace, hold=self.reuse)
+        result.run_id = self.run_id
+        self.schema = f"run_{self.run_id}"
+
+    async def _stages(self, result: RunResult, source: pa.Table | None) -> None:
+        # Bare table names in SQL stages and where: filters mean this run's tables, then the records.
+        self.cache.con.execute(f"SET search_path = '{self.schema},main'")
         try:
-            await self.preflight()
-            self._load_input()
-            # Bare table names in SQL stages and where: filters mean this run's tables, then the records.
-            self.cache.con.execute(f"SET search_path = '{self.schema},main'")
+            self._write_input(source)
             ticker = asyncio.create_task(self._tick())
             try:
                 for stage in self.spec.stages:
@@ -310,7 +330,7 @@ class Runner:
                     begun = time.monotonic()
                     try:
                         await self._run_stage(stage, stats)
-                    except (SpecError, TemplateError, DatasetError, NotFoundError):
+                    except (SpecError, TemplateError, DatasetError, NotFoundError, CacheError):
                         raise
                     except RetortError as exc:
                         if not isinstance(stage, PythonStage):
@@ -319,38 +339,35 @@ class Runner:
                         self.cache.add_failure(self.run_id or 0, stage.name, None, None, str(exc))
                     stats.seconds = time.monotonic() - begun
                     self.progress.stage_finished(stats)
+                    self.cache.maybe_flush()  # raises if the group commit keeps failing
             finally:
                 ticker.cancel()
-            result.status = "ok"
+            result.status = "ok" if result.failures <= self.max_failures else "failed"
         except BaseException as exc:
             result.status = "interrupted" if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)) \
                 else "error"
             raise
         finally:
-            gc.set_threshold(*threshold)
-            gc.unfreeze()
             self.cache.con.execute("SET search_path = 'main'")
-            result.seconds = time.monotonic() - started
-            await self._close_backends()
             if self.run_id is not None:
+                result.seconds = time.monotonic() - self._began
                 self.cache.finish_run(self.run_id, result.status, result.to_dict(),
-                                      ["input", *(s.name for s in self.spec.stages)])
+                                      ["input", *(s.name for s in self.spec.stages)], self.namespace)
             else:
                 self.cache.flush()
-        return result
 
     async def _close_backends(self) -> None:
         for backend in self._backends.values():
             await backend.aclose()
 
     def _up_to_date(self, result: RunResult) -> bool:
-        """Whether there is nothing to do, as make says: the latest run in this database is this
-        pipeline's, it finished without a failure, and its input and every stage have the
+        """Whether there is nothing to do, as make says: the latest run of this namespace (the
+        pipeline's name) finished complete, and its input and every stage have the
         fingerprints they would have now. Then `result` becomes that run's, with no write and no
         call. Only pipelines of model stages can be up to date: SQL and Python stages always run.
         """
         model_stages = [s for s in self.spec.stages if isinstance(s, (PromptStage, EmbedStage))]
-        latest = self.cache.latest_run()
+        latest = self.cache.latest_run(self.namespace)
         if latest is None or len(model_stages) < len(self.spec.stages):
             return False
         run_id, pipeline, spec_path, status, record = latest
@@ -407,36 +424,44 @@ class Runner:
         return path, limit, hashlib.sha256(orjson.dumps(
             [_engine_digest(), "input", content, path.suffix.lower(), self.columns, limit])).hexdigest()
 
-    def _load_input(self) -> None:
+    def _read_input(self) -> pa.Table | None:
+        """The input rows, mapped, read before the run starts (a bad file or mapping makes no run);
+        None when an earlier build of the same input can be linked instead."""
         path, limit, fingerprint = self._input
         self.input_file = path
-        if fingerprint and self._link("input", fingerprint) is not None:
-            return
-        self.cache.release()
+        if fingerprint and ("input", fingerprint) in self._builds:
+            return None
         data = read_table(path, limit)
         data = data.append_column("_id", pa.array([str(i) for i in range(data.num_rows)], pa.string()))
+        if not self.columns:
+            return data
+        kept = [c for c in data.column_names if c not in self.columns]
+        select = [quote(c) for c in kept]
+        for target, expr in self.columns.items():
+            select.append(f"{quote(expr) if expr in data.column_names else expr} AS {quote(target)}")
+        query = f"SELECT {', '.join(select)} FROM _source"
         con = self.cache.con
         con.register("_source", data)
         try:
-            select = ["*"]
-            if self.columns:
-                kept = [c for c in data.column_names if c not in self.columns]
-                select = [f'"{c}"' for c in kept]
-                for target, expr in self.columns.items():
-                    select.append(f'{expr if expr not in data.column_names else chr(34) + expr + chr(34)} '
-                                  f'AS "{target}"')
-            try:
-                mapped = con.sql(f"SELECT {', '.join(select)} FROM _source").to_arrow_table()
-            except duckdb.Error as exc:
-                raise SpecError(f"column mapping does not apply to {path} "
-                                f"(columns: {', '.join(data.column_names[:-1])}): {_first_line(exc)}",
-                                file=self.src.file, line=self.src.line(("input", "columns")),
-                                field="input.columns") from None
+            check_select(query)
+            return con.sql(query).to_arrow_table()
+        except (duckdb.Error, NotReadOnly) as exc:
+            raise SpecError(f"column mapping does not apply to {path} "
+                            f"(columns: {', '.join(data.column_names[:-1])}): {first_line(exc)}",
+                            file=self.src.file, line=self.src.line(("input", "columns")),
+                            field="input.columns") from None
         finally:
             con.unregister("_source")
-        self.cache.write_table(self.table("input"), mapped)
+
+    def _write_input(self, data: pa.Table | None) -> None:
+        fingerprint = self._input[2]
+        if data is None:
+            assert fingerprint
+            self._link("input", fingerprint)
+            return
+        self.cache.write_table(self.table("input"), data)
         if fingerprint:
-            self._memo("input", fingerprint, {"rows_out": mapped.num_rows, "columns": mapped.column_names})
+            self._memo("input", fingerprint, {"rows_out": data.num_rows, "columns": data.column_names})
 
     async def _run_stage(self, stage: Any, stats: StageStats) -> None:
         if isinstance(stage, PromptStage):
@@ -487,9 +512,10 @@ class Runner:
                 raise self._stage_error(stage, "where", str(exc)) from None
         query = f"SELECT * FROM {source}" + (f" WHERE {' AND '.join(filters)}" if filters else "")
         try:
+            check_select(query)  # a `where:` is pasted into the query: it must not make it two
             return self.cache.con.sql(query).to_arrow_table()
-        except duckdb.Error as exc:
-            raise self._stage_error(stage, "where", _first_line(exc)) from None
+        except (duckdb.Error, NotReadOnly) as exc:
+            raise self._stage_error(stage, "where", first_line(exc)) from None
 
     # ------------------------------------------------------------ prompt stages
 
@@ -547,8 +573,13 @@ class Runner:
             new = ", ".join(f'NULL::VARCHAR AS "{c}"' for c in (*LINEAGE, *parser.columns) if c not in columns
                             or c in LINEAGE)
             keep = ", ".join(f'"{c}"' for c in columns if c not in LINEAGE and c not in parser.columns)
-            self.cache.con.execute(f"{create(out_table)} AS SELECT {keep + ', ' if keep else ''}{new} "
-                                   f"FROM {source} LIMIT 0")
+            self.cache.execute(f"{create(out_table)} AS SELECT {keep + ', ' if keep else ''}{new} "
+                               f"FROM {source} LIMIT 0")
+        stored = self.cache.count(out_table)
+        if stored != stats.rows_out or stats.rows_out + stats.failures != total:  # never a silently short table
+            raise RetortError(f"stage {stage.name}: {stored} rows stored and {stats.failures} failures recorded, "
+                              f"but {total} rows were expected ({stats.rows_out} made); this is a bug in retort, "
+                              "the run is not used as the latest")
         self._remember(stage, stats, fingerprint)
 
     # ------------------------------------------------------------ reuse of whole stage tables
@@ -611,7 +642,7 @@ class Runner:
             return None
         run_id, origin, counts = found
         before = orjson.loads(counts)
-        self.cache.con.execute(f'CREATE VIEW {self.table(name)} AS SELECT * FROM run_{origin}."{name}"')
+        self.cache.execute(f'CREATE VIEW {self.table(name)} AS SELECT * FROM run_{origin}."{name}"')
         if before.get("digest"):
             self._digests[name] = before["digest"]
             self._prints[name] = [fingerprint, before["digest"]]
@@ -699,7 +730,7 @@ class Runner:
         self.cache.flush()
         if not self.cache.table_exists(self.schema, stage.name):
             keep = ", ".join(f'"{c}"' for c in carry)
-            self.cache.con.execute(f"{create(out_table)} AS SELECT {keep + ', ' if keep else ''}NULL::VARCHAR AS _id, "
+            self.cache.execute(f"{create(out_table)} AS SELECT {keep + ', ' if keep else ''}NULL::VARCHAR AS _id, "
                                    f"NULL::VARCHAR AS _parent, NULL::VARCHAR AS _error, "
                                    f'NULL::FLOAT[] AS "{stage.output}" FROM {source} LIMIT 0')
         self._remember(stage, stats, fingerprint)
@@ -727,13 +758,14 @@ class Runner:
         except TemplateError as exc:
             raise self._stage_error(stage, "sql", str(exc)) from None
         try:
+            check_select(sql)  # before DuckDB sees it: one SELECT, nothing that writes
             described = [r[0] for r in con.execute(f"DESCRIBE {sql}").fetchall()]
             body = sql if "_id" in described else \
-                f"SELECT '{stage.name}:' || (row_number() OVER () - 1) AS _id, * FROM ({sql})"
-            con.execute(f"{create(self.table(stage.name))} AS {body}")
-        except duckdb.Error as exc:
-            raise self._stage_error(stage, "sql", _first_line(exc)) from None
-        stats.rows_out = int(con.execute(f"SELECT count(*) FROM {self.table(stage.name)}").fetchall()[0][0])  # type: ignore[index]
+                f"SELECT {literal(stage.name + ':')} || (row_number() OVER () - 1) AS _id, * FROM ({sql})"
+            self.cache.execute(f"{create(self.table(stage.name))} AS {body}")
+        except (duckdb.Error, NotReadOnly) as exc:
+            raise self._stage_error(stage, "sql", first_line(exc)) from None
+        stats.rows_out = self.cache.count(self.table(stage.name))
 
     async def _python_stage(self, stage: PythonStage, stats: StageStats) -> None:
         fn = self.ws.evaluator(stage.python)
@@ -757,7 +789,7 @@ class Runner:
         if isinstance(out, dict):
             self._record_metrics(stage, stats, out)
             out = [out]
-        table = out if isinstance(out, pa.Table) else table_from_rows(list(out or []))
+        table = out if isinstance(out, pa.Table) else table_from_rows(list(out or []), lenient=True)
         if table.num_columns == 0:
             table = pa.table({"_id": pa.array([], pa.string())})
         self.cache.write_table(self.table(stage.name), table)
@@ -768,13 +800,9 @@ class Runner:
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if self.run_id is None:
             return
-        import orjson
-
         data = orjson.dumps(values, default=str).decode()
-        for name, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.cache.con.execute("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, now())",
-                                       [self.run_id, self.spec.name, stage.name, name, float(value), data])
+        self.cache.record_metrics([[self.run_id, self.spec.name, stage.name, name, float(value), data]
+                                   for name, value in stats.metrics.items()])
 
 
 class StageContext:
@@ -834,6 +862,11 @@ class _PromptExecution:
         self.inflight: dict[str, list[tuple[_Job, int, int]]] = {}  # key → waiters (job, sample, attempt)
         self.run_id = runner.run_id or 0
         self.reasks: set[asyncio.Task[None]] = set()
+        # One call per distinct prompt: a key answered (or failed) since this chunk's look-up, which
+        # neither the look-up nor `inflight` knows any more; cleared right before each look-up.
+        self.settled: dict[str, str | BackendError] = {}
+        # This chunk's cached re-asks (attempts 1..reask), looked up with its first attempts in one query.
+        self.prefetched: dict[str, tuple[str, int, int]] = {}
 
     def queue(self, model: str) -> asyncio.Queue[tuple[_Job, list[int], int] | None]:
         if model not in self.queues:
@@ -866,7 +899,11 @@ class _PromptExecution:
                     job = _Job(row, row["_id"], messages, base, model, self.samples)
                     jobs.append(job)
                     keys += job.keys
-                found = self.r.cache.lookup(keys)
+                reask = [call_key(job.base, i, a) for job in jobs for i in samples
+                         for a in range(1, stage.reask + 1)] if stage.reask and not self.r.dry else []
+                self.settled.clear()
+                found = self.r.cache.lookup(keys + reask)
+                self.prefetched = {k: found[k] for k in reask if k in found}
                 for j, job in enumerate(jobs):
                     missing = []
                     for i in samples:
@@ -877,6 +914,8 @@ class _PromptExecution:
                             stats.prompt_tokens += hit[1]
                             stats.completion_tokens += hit[2]
                             self.deliver(job, i, 0, key, hit[0], None)
+                        elif key in self.settled:
+                            self.shared(job, i, 0, key)
                         elif key in self.inflight:
                             self.inflight[key].append((job, i, 0))
                         else:
@@ -940,7 +979,10 @@ class _PromptExecution:
                     self.stats.calls_made += 1
                     self.r.cache.add_call(key, backend.identity, job.base, i, attempt, text, reason, share_p,
                                           share_c, latency, self.run_id, self.stage.name)
-                    for waiter, si, att in self.inflight.pop(key, [(job, i, attempt)]):
+                    self.settled[key] = text
+                    waiters = self.inflight.pop(key, [(job, i, attempt)])
+                    self.stats.cache_hits += len(waiters) - 1  # rows with the same prompt share the call
+                    for waiter, si, att in waiters:
                         self.deliver(waiter, si, att, key, text, None)
                 self.r.progress.advance(self.stats)
             except Exception as exc:  # any failure of a call is the row's failure, never a dead worker
@@ -953,14 +995,27 @@ class _PromptExecution:
     def fail(self, keys: list[str], exc: BackendError) -> None:
         """Record the samples behind `keys` as failed (in `failures`); their rows close without them."""
         for key in keys:
+            self.settled[key] = exc
             for waiter, i, _ in self.inflight.pop(key, []):
-                self.stats.failures += 1
-                self.r.cache.add_failure(self.run_id, self.stage.name, waiter.row_id, key, str(exc), exc.status)
-                waiter.results[i] = (key, "", f"call failed: {exc}", {})
-                self.stats.completed += 1
-                waiter.open -= 1
-                if waiter.open == 0:
-                    self.emit(waiter)
+                self.failed(waiter, i, key, exc)
+
+    def failed(self, job: _Job, sample: int, key: str, exc: BackendError) -> None:
+        self.stats.failures += 1
+        self.r.cache.add_failure(self.run_id, self.stage.name, job.row_id, key, str(exc), exc.status)
+        job.results[sample] = (key, "", f"call failed: {exc}", {})
+        self.stats.completed += 1
+        job.open -= 1
+        if job.open == 0:
+            self.emit(job)
+
+    def shared(self, job: _Job, sample: int, attempt: int, key: str) -> None:
+        """A sample whose prompt another row of this chunk already sent: its answer, or its failure."""
+        outcome = self.settled[key]
+        if isinstance(outcome, BackendError):
+            self.failed(job, sample, key, outcome)
+        else:
+            self.stats.cache_hits += 1
+            self.deliver(job, sample, attempt, key, outcome, None)
 
     def model_identity(self, model: str) -> tuple[str, list[str] | None]:
         """The backend's identity, and the choices it decodes under. Only a backend that constrains
@@ -998,10 +1053,14 @@ class _PromptExecution:
             if attempt < self.stage.reask and not self.r.dry:
                 nxt = call_key(job.base, sample, attempt + 1)
                 self.stats.calls_needed += 1
-                hit = self.r.cache.lookup([nxt]).get(nxt)
+                # Looked up with the chunk (see run); a re-ask of a call made in this run cannot be
+                # cached before it, unless a row with the same prompt made it: settled or in flight.
+                hit = self.prefetched.get(nxt)
                 if hit is not None:
                     self.stats.cache_hits += 1
                     self.deliver(job, sample, attempt + 1, nxt, hit[0], None)
+                elif nxt in self.settled:
+                    self.shared(job, sample, attempt + 1, nxt)
                 elif nxt in self.inflight:
                     self.inflight[nxt].append((job, sample, attempt + 1))
                 else:
@@ -1047,34 +1106,3 @@ def _engine_digest() -> str:
     for file in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(file.read_bytes())
     return digest.hexdigest()
-
-
-def _sql_literal(value: Any) -> str:
-    """`{{ params.labels | sql }}` in a SQL stage: a DuckDB literal, safely quoted."""
-    if value is None:
-        return "NULL"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_sql_literal(v) for v in value) + "]"
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def render_sql(sql: str, params: dict[str, Any]) -> str:
-    """SQL stages are Jinja templates over `params` (`{{ params.k | sql }}` quotes a value)."""
-    if "{" not in sql:
-        return sql.strip().rstrip(";")
-    from retort.templates import ENV
-
-    try:
-        env = ENV.overlay()
-        env.filters["sql"] = _sql_literal
-        return env.from_string(sql).render(params=params).strip().rstrip(";")
-    except Exception as exc:  # jinja2's errors: undefined param, syntax
-        raise TemplateError(str(exc), template="sql") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0]

@@ -289,7 +289,8 @@ def _count_calls_while_running(ws: Path) -> int:
 def test_second_process_gets_a_clear_message(ws: Path) -> None:
     rows = [{"text": f"review {i}", "label": "positive"} for i in range(200)]
     (ws / "data" / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (ws / "pipelines" / "demo.yaml").write_text(SLOW)
+    # slow enough (about a minute) that the first run surely holds the file while the others start
+    (ws / "pipelines" / "demo.yaml").write_text(SLOW.replace("delay: 0.05", "delay: 0.5"))
     env = {**os.environ, "COLUMNS": "200"}
     first = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "run", "demo", "-q"], cwd=ws, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -304,4 +305,12 @@ def test_second_process_gets_a_clear_message(ws: Path) -> None:
     finally:
         first.kill()
         first.wait(timeout=30)
-    assert run_cli("run", "demo", "-q", cwd=ws).returncode == 0  # the file is intact after both
+    runs = run_cli("show", "runs", "--columns", "run_id,status", "--all-columns", cwd=ws)  # the file is intact
+    assert runs.returncode == 0, runs.stderr
+    assert "crashed" in runs.stdout and "running" not in runs.stdout  # the killed run, as a reader sees it
+    from retort.cache import Cache
+
+    Cache(ws / ".retort" / "retort.duckdb").close()  # the next writer records it in the file
+    con = db(ws)
+    assert con.execute("SELECT status FROM runs").fetchall() == [("crashed",)]
+    con.close()

@@ -221,7 +221,8 @@ def test_model_exception_is_a_recorded_failure_and_scrubbed(ws: Path) -> None:
     code, result, _ = cli_run(ws, "failing")
     assert code == 1  # failures > --max-failures 0
     assert result["failures"] == 1 and result["calls_made"] == 2
-    assert [r[0] for r in query(ws, "SELECT text FROM main.pred ORDER BY _id")] == ["alpha", "charlie"]
+    assert [r[0] for r in query(ws, "SELECT text FROM run_1.pred ORDER BY _id")] == ["alpha", "charlie"]
+    assert query(ws, "SELECT status FROM runs") == [("failed",)]  # kept by number, not made the latest
     (row_id, error, status), = query(ws, "SELECT row_id, error, status FROM failures")
     assert row_id == "1" and status is None
     assert "RuntimeError: boom: the model exploded" in error

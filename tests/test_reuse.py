@@ -225,16 +225,17 @@ def test_an_unchanged_pipeline_of_model_stages_is_up_to_date_and_writes_nothing(
     assert set(again.fingerprints) == {"input", "ask", "judge"} and again.fingerprints == first.fingerprints
 
 
-def test_up_to_date_only_against_the_latest_run_of_the_same_pipeline(workspace: Path) -> None:
+def test_up_to_date_against_the_latest_run_of_the_same_pipeline(workspace: Path) -> None:
     path = make(workspace, TWO_PROMPTS)
     other = workspace / "pipelines" / "other.yaml"
-    other.write_text(path.read_text())  # the same stages, another pipeline
+    other.write_text(path.read_text())  # the same stages, another pipeline (named after its file)
     run(workspace, path, ScriptedBackend(function=reply))
     assert run(workspace, other, ScriptedBackend(function=reply)).run_id == 2  # not p's run: a new one
     third = run(workspace, path, ScriptedBackend(function=reply))
-    assert not third.up_to_date and third.run_id == 3
-    assert [s.reused_from for s in third.stages] == [1, 1]  # still no call: run 1's tables, linked
-    assert db_rows(workspace, "SELECT count(*) FROM main.judge")[0][0] == 6
+    assert third.up_to_date and third.run_id == 1  # another pipeline's run in between changes none of p's tables
+    assert db_rows(workspace, "SELECT count(*) FROM p.judge")[0][0] == 6
+    assert db_rows(workspace, "SELECT count(*) FROM other.judge")[0][0] == 6
+    assert db_rows(workspace, "SELECT max(run_id) FROM runs") == [(2,)]
 
 
 def test_a_change_anywhere_makes_a_new_run(workspace: Path) -> None:
