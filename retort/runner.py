@@ -282,6 +282,11 @@ class Runner:
                 await self._close_backends()
                 result.seconds = time.monotonic() - started
                 return result
+        try:
+            await self.preflight()  # a model that cannot answer (or crashes) fails before a run is recorded
+        except BaseException:
+            await self._close_backends()
+            raise
         if self.mode == "run":
             text = Path(self.src.file).read_bytes() if Path(self.src.file).is_file() else b""
             spec_hash = hashlib.sha256(text + self.spec.model_dump_json().encode()).hexdigest()[:16]
@@ -298,7 +303,6 @@ class Runner:
         gc.freeze()
         gc.set_threshold(50_000, *threshold[1:])
         try:
-            await self.preflight()
             self._load_input()
             # Bare table names in SQL stages and where: filters mean this run's tables, then the records.
             self.cache.con.execute(f"SET search_path = '{self.schema},main'")
