@@ -49,7 +49,7 @@ _CONFIG_KEYS = frozenset({"model_path", "identity"})
 REINSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --force-reinstall --no-cache-dir llama-cpp-python'
 PROBE_DIR_ENV = "RETORT_PROBE_DIR"  # where the probe's markers live (default: the user's cache dir)
 PROBE_CRASH_ENV = "RETORT_PROBE_CRASH"  # tests: a signal name the probe's child kills itself with
-PROBE_TIMEOUT = 600.0  # seconds; loading and four tokens take about one on 2 busy cores
+PROBE_TIMEOUT = 600.0  # seconds; the probe took 8-15 s on 2 cores shared with other jobs
 _REFUSED = 17  # the probe child's exit code when llama.cpp raised instead of crashing
 # The child does what the first in-process call does: the same load, a chat-templated prompt
 # (a batch of ~30 tokens, which takes the batched matmul kernels), then a few decoded tokens.
