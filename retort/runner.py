@@ -201,13 +201,14 @@ class Runner:
                  progress: Progress | None = None, max_retries: int = 5,
                  backend_factory: Callable[[str, dict[str, Any]], Backend] | None = None,
                  argv: str = "", reuse: bool = True, namespace: str | None = None,
-                 max_failures: int = 0) -> None:
+                 max_failures: int = 0, input_data: pa.Table | None = None) -> None:
         """`namespace` names where the run's tables become the latest (default: the pipeline's
         name); a run with more than `max_failures` failed calls ends `failed` and does not."""
         assert mode in ("run", "plan", "validate")
         self.ws, self.spec, self.src, self.cache = workspace, pipeline, source, cache
         self.mode, self.dry = mode, mode != "run"
         self.input_path, self.limit = input_path, limit
+        self.input_data = input_data  # rows given in memory (the Python API) instead of a file
         self.columns = {**pipeline.input.columns, **(columns or {})}
         self.model_targets = model_targets or {}
         self.progress = progress or Progress()
@@ -413,10 +414,20 @@ class Runner:
     def _input(self) -> tuple[Path, int | None, str | None]:
         """The input file, the row limit this run reads, and their fingerprint (the same bytes,
         mapping and limit: the same input table; None without reuse). The file is hashed once."""
-        path = self.ws.data(self.input_path or self.spec.input.path, base=self.spec_dir)
         limit = self.limit or self.spec.input.limit
         if self.mode == "validate":
             limit = min(limit or 5, 5)
+        if self.input_data is not None:
+            path = Path("<rows given in memory>")
+            if not self.reuse:
+                return path, limit, None
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, self.input_data.schema) as writer:
+                writer.write_table(self.input_data)
+            content = hashlib.sha256(sink.getvalue()).hexdigest()
+            return path, limit, hashlib.sha256(orjson.dumps(
+                [_engine_digest(), "input", content, "arrow", self.columns, limit])).hexdigest()
+        path = self.ws.data(self.input_path or self.spec.input.path, base=self.spec_dir)
         if not self.reuse or not path.is_file():
             return path, limit, None
         with path.open("rb") as f:
@@ -431,7 +442,10 @@ class Runner:
         self.input_file = path
         if fingerprint and ("input", fingerprint) in self._builds:
             return None
-        data = read_table(path, limit)
+        if self.input_data is not None:
+            data = self.input_data.slice(0, limit) if limit else self.input_data
+        else:
+            data = read_table(path, limit)
         data = data.append_column("_id", pa.array([str(i) for i in range(data.num_rows)], pa.string()))
         if not self.columns:
             return data
