@@ -551,3 +551,83 @@ def test_m1_knn_exams_are_the_nearest_problems_by_embedding(workspace: Path) -> 
                 for a in vectors}
     got = dict(con.execute("SELECT problem_id, list_sort(list(DISTINCT exam_id)) FROM main.exam GROUP BY 1").fetchall())
     assert got == {k: v for k, v in expected.items() if k in got}
+
+
+# --- what the teacher and the student see (the reference's prompts and sampling) ------------------
+#
+# Typed from imagination-research/lbt, examples/config/math/llama-3-8b_exam.yaml (`exam_prompter_cfg`)
+# and lbt/exam_maker.py (`ExamPrompter.make_exam_prompt_chat_template`): system "You are a helpful
+# assistant."; user = instruction + demos joined by two blank lines + the exam template; the solution's
+# opening is prefilled. retort strips each message's ends, so the expected messages are stripped too.
+
+REF_INSTRUCTION = ("Your task is to answer the last question below. Give step by step reasoning before you answer. "
+                   "When you're ready to answer, please wrap your answer and conclude using the format\n'''\n"
+                   "[[Final Answer]]:\n$ANSWER$\n'''\n\n\n\n")
+REF_DEMO = "[[Question]]:\n{question}\n\n[[Solution]]:\nLet's think step by step.\n\n{rationale}\n\n" \
+           "[[Final Answer]]:\n${answer}$\n"
+REF_EXAM = "{demo}\n\n\n[[Question]]:\n{question}\n\n"
+REF_PREFILL = "[[Solution]]:\nLet's think step by step.\n\n"
+REF_STUB_ANSWERS = ["[2,5)", "24", "16", "-\\frac{2}{3}"]  # the four fixed worked examples' answers, in order
+
+
+def _render(name: str, row: dict[str, Any]) -> list[dict[str, str]]:
+    from retort.templates import Template, environment
+
+    env = environment([ROOT / "prompts"])
+    return Template.from_file(ROOT / "prompts" / "lbt" / f"{name}.j2", env=env).render(row, {})
+
+
+def _stubs(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The four fixed worked examples, read back from a rendered prompt by the demo layout."""
+    user = messages[1]["content"]
+    blocks = user[len(REF_INSTRUCTION):].split("\n\n\n\n[[Question]]:\n")
+    out = []
+    for block in blocks[:4]:
+        block = block.removeprefix("[[Question]]:\n")
+        question, rest = block.split("\n\n[[Solution]]:\nLet's think step by step.\n\n", 1)
+        rationale, answer = rest.split("\n\n[[Final Answer]]:\n", 1)
+        out.append({"question": question, "rationale": rationale, "answer": answer.strip().strip("$")})
+    return out
+
+
+def _expected(stubs: list[dict[str, str]], question: str) -> list[dict[str, str]]:
+    demo = "\n\n\n".join(REF_DEMO.format(**item) for item in stubs)
+    return [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": (REF_INSTRUCTION + REF_EXAM.format(demo=demo, question=question)).strip()},
+            {"role": "assistant", "content": REF_PREFILL.strip()}]
+
+
+def test_teacher_prompt_is_the_references() -> None:
+    got = _render("teacher", {"question": "What is 2+2?"})
+    stubs = _stubs(got)
+    assert [s["answer"] for s in stubs] == REF_STUB_ANSWERS
+    assert stubs[0]["question"] == "Find the domain of the expression $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$."
+    assert got == _expected(stubs, "What is 2+2?")
+
+
+@pytest.mark.parametrize("raw", ["We add.\n\n[[Final Answer]]:\n$4$\n", "We add and get 4"])
+def test_student_prompt_is_the_references(raw: str) -> None:
+    got = _render("student", {"teach_question": "What is 2+2?", "rationale": raw, "teacher_answer": "4",
+                              "exam_question": "What is 3+3?"})
+    stubs = _stubs(got)
+    assert [s["answer"] for s in stubs] == REF_STUB_ANSWERS
+    # the teacher's rationale is a fifth worked example: its text up to the marker (prepare_teaching_dataset.py
+    # cuts at find("[[Final Answer]]"), which is -1 without one: the last character goes too)
+    taught = {"question": "What is 2+2?", "rationale": raw[:raw.find("[[Final Answer]]")].rstrip(), "answer": "4"}
+    assert got == _expected([*stubs, taught], "What is 3+3?")
+
+
+@pytest.mark.parametrize("pipeline", ["lbt_m1", "lbt_m2"])
+def test_sampling_exam_and_rules_are_the_references(pipeline: str) -> None:
+    spec = yaml.safe_load((ROOT / "pipelines" / f"{pipeline}.yaml").read_text())
+    stages = {s["name"]: s for s in spec["stages"]}
+    # examples/config/math/llama-3-8b_{trgen,exam}.yaml: top_k 20, top_p 1.0, temperature 0.7; HFModel's
+    # max_new_tokens 1024; the func exam asks each of 3 variants 3 times (num_repetitions), one sample each
+    for name in ("teach", "student"):
+        params = stages[name]["params"]
+        assert (params["temperature"], params["top_p"], params["max_tokens"], params["extra_body"]) == (
+            0.7, 1.0, 1024, {"top_k": 20})
+        assert "stop" not in params
+        assert stages[name]["parse"] == {"answer": {"rules": "{{ params.answers }}"}}
+    assert stages["student"]["samples"] == 3
+    assert (spec["params"]["exam"], spec["params"]["answers"], spec["params"]["unanswered"]) == ("func", "lbt", "vote")
