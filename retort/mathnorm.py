@@ -7,6 +7,10 @@ answer is parsed and scored by the same rules.
     normalize_answer(s)    a comparison key: equal answers get equal keys
     math_equal(pred, gold) whether two answers are the same answer
 
+The LbT pipelines default to the stricter rules of the LbT paper's own scorer,
+in the last section (`lbt_extract`, `lbt_gold`, `lbt_equal`, `lbt_marked`;
+`parse: {answer: {rules: lbt}}`).
+
 Graders disagree on the details, so the choices made here are listed:
 
 - Numbers compare exactly, as rationals: "0.5" == ".5" == "1/2" == "\\frac{1}{2}"
