@@ -122,7 +122,7 @@ def tally(rationales: Iterable[tuple[Any, float | None]], answers: str = "lbt") 
     for answer, score in rationales:
         if answer is None:
             continue
-        text = str(answer).strip()
+        text = str(answer) if answers == "lbt" else str(answer).strip()  # lbt: the string as is, as the reference
         if answers == "lenient" and not text:
             continue
         groups.setdefault(key_of(text), (text, []))[1].append(float(score) if score is not None else 0.0)
