@@ -9,11 +9,19 @@ The loop, for a binary (or small multi-class) classification task:
     beam <- [examples]
     each round:
         minibatch <- `minibatch` pool rows (seeded by seed and round)
-        students classify the minibatch with every beam member; their failures are pooled
+        the students classify the minibatch with every beam member; their failures are pooled
         the teacher explains each member's failures, then rewrites it `candidates` times
-        students classify the minibatch with every rewrite; score = mean accuracy
+        the scorers classify the minibatch with every member and rewrite; score = mean accuracy
         beam <- the best `beam` of (members and) rewrites; ties keep the earlier one
-    final <- beam[0]; initial and final are evaluated on the held-out rows
+    final <- beam[0]; the evaluators classify the held-out rows with the initial and final examples;
+    accuracy and the F1 of `f1_label` (default: the minority class of the held-out rows)
+
+Three roles, as in the reference (imagination-research/lbt, lbt/patch/lmops-lbtm3.patch, main.py):
+the students only find failures (`expand_candidates(..., student_evaluators, ...)`), the teacher
+scores the candidates (`score_candidates(..., teacher_evaluator, ...)`) and the teacher is evaluated
+on the test set (`task.evaluate(teacher_evaluator, ...)`). `scorers` and `evaluators` are model
+lists; null (the default) means [teacher]. Setting them to the students gives retort's earlier
+variant, where the students' accuracy is also the score.
 
 Each round's prompts depend on the parsed answers of the round before, which a
 static list of stages cannot express, so this is one Python stage: every prompt
@@ -44,7 +52,8 @@ SPLITS = ("train", "pool", "heldout")
 DEFAULTS: dict[str, Any] = {
     "labels": ["positive", "negative"], "init": "sample", "n_examples": 4, "rounds": 2, "beam": 2,
     "candidates": 2, "minibatch": 6, "keep_parents": True, "max_failures_shown": 6, "max_heldout": None,
-    "seed": 0, "students": ["default"], "teacher": "default",
+    "seed": 0, "students": ["default"], "teacher": "default", "scorers": None, "evaluators": None,
+    "f1_label": "minority",
     "student_params": {"temperature": 0, "max_tokens": 8},
     "teacher_params": {"temperature": 0, "max_tokens": 96},
     "rewrite_params": {"temperature": 0.8, "max_tokens": 160},
@@ -143,10 +152,10 @@ def _minibatch(pool: Sequence[Row], size: int, seed: Any, rnd: int) -> list[Row]
 
 
 async def _classify(ctx: Any, p: dict[str, Any], labels: list[str],
-                    jobs: list[tuple[str, list[Example], Row]]) -> list[Row]:
-    """Every student classifies every (candidate key, examples, item); one record each, in job order."""
+                    jobs: list[tuple[str, list[Example], Row]], models: Sequence[str]) -> list[Row]:
+    """Every model classifies every (candidate key, examples, item); one record each, in job order."""
     records: list[Row] = []
-    for student in p["students"]:
+    for student in models:
         rows = [{"_id": f"{key}|{it['item']}", "examples": examples, "text": it["text"]}
                 for key, examples, it in jobs]
         out = await ctx.prompt(PROMPTS["classify"], rows, model=student, params=p["student_params"],
@@ -205,6 +214,8 @@ async def refine(rows: Sequence[Row], ctx: Any, text: str = "text", label: str =
     """Run M3 over the input rows (columns `text`, `label`, `split`); returns the metrics."""
     p = {**DEFAULTS, **(ctx.params or {})}
     labels = [str(x) for x in p["labels"]]
+    scorers = _models(p, "scorers")
+    evaluators = _models(p, "evaluators")
     n, beam_size, k = int(p["n_examples"]), max(1, int(p["beam"])), max(1, int(p["candidates"]))
     items = _items(rows, text, label, split, labels)
     data = {s: [it for it in items if it["split"] == s] for s in SPLITS}
@@ -223,8 +234,8 @@ async def refine(rows: Sequence[Row], ctx: Any, text: str = "text", label: str =
         if not batch:
             break
         parents = beam
-        records = await _classify(ctx, p, labels, [(c.id, c.examples, it) for c in beam for it in batch])
-        scores = {c.id: _score(records, c.id) for c in beam}
+        records = await _classify(ctx, p, labels, [(c.id, c.examples, it) for c in beam for it in batch],
+                                  p["students"])
         failures = {c.id: [r for r in records if r["key"] == c.id and not r["correct"]] for c in beam}
         for c in beam:
             tables["failures"] += [{"round": rnd, "candidate": c.id, "student": f["student"], "item": f["item"],
@@ -255,8 +266,12 @@ async def refine(rows: Sequence[Row], ctx: Any, text: str = "text", label: str =
                 status = _valid(parsed, labels) if got else "call failed"
                 new.append((Candidate(f"r{rnd}.c{len(new)}", row["_id"], parsed), status))
         valid = [c for c, status in new if status == "ok"]
-        records = await _classify(ctx, p, labels, [(c.id, c.examples, it) for c in valid for it in batch])
-        scores.update({c.id: _score(records, c.id) for c in valid})
+        # The scorers (the teacher, by default) score the members and the rewrites on the same minibatch;
+        # where a scorer is also a student, its calls on the members are cache hits.
+        scored = [*beam, *valid]
+        records = await _classify(ctx, p, labels, [(c.id, c.examples, it) for c in scored for it in batch],
+                                  scorers)
+        scores = {c.id: _score(records, c.id) for c in scored}
 
         contenders = ([*beam, *valid] if p["keep_parents"] else valid) or beam
         ranked = sorted(contenders, key=lambda c: -(scores[c.id] or 0.0))  # stable: ties keep the earlier
@@ -276,24 +291,66 @@ async def refine(rows: Sequence[Row], ctx: Any, text: str = "text", label: str =
     heldout = data["heldout"][: int(p["max_heldout"])] if p["max_heldout"] else data["heldout"]
     sets = [("initial", initial), ("final", final)]
     jobs = [(name, cand.examples, it) for name, cand in sets[: 1 if final is initial else 2] for it in heldout]
-    records = await _classify(ctx, p, labels, jobs)
+    records = await _classify(ctx, p, labels, jobs, evaluators)
     if final is initial:  # one evaluation serves both rows of the table
         records += [{**r, "key": "final"} for r in records]
     ids = dict(sets)
-    tables["heldout"] = [{"set": r["key"], "candidate": ids[r["key"]].id, "student": r["student"],
+    tables["heldout"] = [{"set": r["key"], "candidate": ids[r["key"]].id, "model": r["student"],
                           "item": r["item"], "label": r["label"], "prediction": r["prediction"],
                           "correct": r["correct"]} for r in records]
     for suffix, table in tables.items():
         ctx.write_table(suffix, table)
 
     before, after = _score(records, "initial"), _score(records, "final")
+    f1_label = _f1_label(p["f1_label"], labels, heldout)
+    f1_before, f1_after = (f1_score([r for r in records if r["key"] == key], f1_label)
+                           for key in ("initial", "final"))
     return {"rounds": rounds_done, "init": init_source, "initial_candidate": initial.id,
             "final_candidate": final.id, "final_minibatch_score": last_scores.get(final.id),
             "candidates": sum(1 for r in tables["candidates"] if r["role"] == "rewrite"),
-            "heldout_n": len(heldout), "students": len(p["students"]),
+            "heldout_n": len(heldout), "students": len(p["students"]), "scorers": ",".join(scorers),
+            "evaluators": ",".join(evaluators), "f1_label": f1_label,
+            "initial_heldout_f1": f1_before, "final_heldout_f1": f1_after,
             "initial_heldout_accuracy": before, "final_heldout_accuracy": after,
             "heldout_gain": after - before if before is not None and after is not None else None,
             "final_examples": render_examples(final.examples)}
+
+
+def _models(p: dict[str, Any], role: str) -> list[str]:
+    """The model names of a role; null means the teacher, as in the reference."""
+    value = p.get(role)
+    if value is None:
+        return [str(p["teacher"])]
+    names = [value] if isinstance(value, str) else list(value)
+    if not names:
+        raise DatasetError(f"params.{role} is empty; give model names, or null for the teacher")
+    return [str(x) for x in names]
+
+
+def _f1_label(choice: Any, labels: Sequence[str], heldout: Sequence[Row]) -> str | None:
+    """The class whose F1 is reported: a label, or `minority`, the least frequent gold label of the
+    held-out rows (ties: the smaller label), as the reference's `compute_f1` picks it
+    (min over (support, label); a label with no held-out row has no support and is not a candidate)."""
+    if choice == "minority":
+        counts = [(sum(1 for it in heldout if it["label"] == label), label) for label in labels]
+        present = [c for c in counts if c[0] > 0]
+        return min(present)[1] if present else None
+    by_key = {_key(x): x for x in labels}
+    if _key(str(choice)) not in by_key:
+        raise DatasetError(f"params.f1_label is {choice!r}; expected minority or one of {', '.join(labels)}")
+    return by_key[_key(str(choice))]
+
+
+def f1_score(records: Sequence[Row], label: str | None) -> float | None:
+    """F1 of `label` over classification records (label, prediction): 2PR / (P + R), 0.0 when it is
+    undefined (no true positive), as scikit-learn's f1_score with zero_division=0; None with no records.
+    A missing prediction counts as not `label`."""
+    if label is None or not records:
+        return None
+    tp = sum(1 for r in records if r["prediction"] == label and r["label"] == label)
+    fp = sum(1 for r in records if r["prediction"] == label and r["label"] != label)
+    fn = sum(1 for r in records if r["prediction"] != label and r["label"] == label)
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
 def _candidate_row(rnd: int, c: Candidate, role: str, score: float | None, status: str, kept: bool) -> Row:

@@ -7,6 +7,10 @@ answer is parsed and scored by the same rules.
     normalize_answer(s)    a comparison key: equal answers get equal keys
     math_equal(pred, gold) whether two answers are the same answer
 
+The LbT pipelines default to the stricter rules of the LbT paper's own scorer,
+in the last section (`lbt_extract`, `lbt_gold`, `lbt_equal`, `lbt_marked`;
+`parse: {answer: {rules: lbt}}`).
+
 Graders disagree on the details, so the choices made here are listed:
 
 - Numbers compare exactly, as rationals: "0.5" == ".5" == "1/2" == "\\frac{1}{2}"
@@ -29,7 +33,8 @@ from collections.abc import Iterator
 from fractions import Fraction
 from functools import lru_cache
 
-__all__ = ["clean_answer", "extract_answer", "math_equal", "normalize_answer"]
+__all__ = ["clean_answer", "extract_answer", "lbt_equal", "lbt_extract", "lbt_gold", "lbt_marked", "lbt_normalize",
+           "math_equal", "normalize_answer"]
 
 # --- finding the final answer -------------------------------------------------
 
@@ -266,3 +271,159 @@ def math_equal(pred: object, gold: object) -> bool:
             return value_p / 100 == value_g if pct_p else value_p == value_g / 100
         return False
     return bool(key_p) and key_p == key_g
+
+
+# --- the LbT reference rules ----------------------------------------------------
+#
+# The learning-by-teaching paper scores math answers with its own extractor and
+# equality (imagination-research/lbt, lbt/datasets_adapter/math_dataset.py:
+# `MathExamScorer.post_process`, `_normalize_final_answer`, and the opencompass
+# `MATHEvaluator.is_equiv` / `_strip_string` it copies). The LbT pipelines use
+# these rules by default so that a run reports what the paper would. They are
+# far stricter than the functions above: "18.00" != "18", "1/2" != "2/4",
+# "50%" != "50", "7 days" != "7", "(B)" != "B"; and "5,6" == "56".
+# This is an independent implementation of the same rules, step for step.
+
+_LBT_MARKED = re.compile(r"\[\[Final Answer\]\]:\n([^\n]+)\n")
+# Text removed or replaced before anything else, in this order (order matters:
+# "an " goes before " ", ".$" before "$").
+_LBT_REPLACE = (("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""),
+                ("mbox", "text"), (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"))
+_LBT_UNITS = ("square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units", "\\ldots",
+              "sue", "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters",
+              "meals", "edges", "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}",
+              "\\text{\ns}", "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}", "\\mathrm{th}", "^\\circ",
+              "^{\\circ}", "\\;", ",\\!", "{,}", '"', "\\dots", "\n", "\r", "\f")
+_LBT_LE = re.compile(r"\\le(?!ft)")  # "\le" -> "<" but not "\left"
+_LBT_FT = re.compile(r"(?<!le)ft")  # the unit "ft", but not the "ft" of "\left"
+_LBT_UNWRAP = (re.compile(r"\\text\{(.*?)\}"), re.compile(r"\\textbf\{(.*?)\}"),
+               re.compile(r"\\overline\{(.*?)\}"), re.compile(r"\\boxed\{(.*)\}"))
+_LBT_FRAC = re.compile(r"frac([^{])(.)")
+_LBT_SQRT_BARE = re.compile(r"(?<!\\)sqrt")
+_LBT_SQRT_PAREN = re.compile(r"sqrt\(([^)]+)\)")
+_LBT_SQRT_SHORT = re.compile(r"sqrt([^{])")
+
+
+def lbt_normalize(answer: str) -> str:
+    """The reference's `_normalize_final_answer`: the spelling an LbT answer is grouped and stored by."""
+    s = _LBT_FT.sub("", _LBT_LE.sub("<", answer))
+    for old, new in _LBT_REPLACE:
+        s = s.replace(old, new)
+    for unit in _LBT_UNITS:
+        s = s.replace(unit, "")
+    for wrapper in _LBT_UNWRAP:
+        s = wrapper.sub(r"\1", s)
+    s = _LBT_FRAC.sub(r"frac{\1}{\2}", s)
+    s = _LBT_SQRT_BARE.sub(r"\\sqrt", s)
+    s = _LBT_SQRT_PAREN.sub(r"sqrt{\1}", s)
+    s = _LBT_SQRT_SHORT.sub(r"sqrt{\1}", s)
+    s = s.replace("$", "")
+    if s.replace(",", "").isdigit():  # "100,000" -> "100000"; also "5,6" -> "56", as the reference does
+        s = s.replace(",", "")
+    return s
+
+
+def lbt_marked(text: str | None) -> bool:
+    """Whether `text` has a "[[Final Answer]]:" line followed by the answer on its own (ended) line."""
+    return bool(text) and _LBT_MARKED.search(text or "") is not None
+
+
+def lbt_extract(text: str | None) -> str:
+    """The reference's `post_process`: the line after the FIRST "[[Final Answer]]:" line (the answer
+    line must end with a newline), else the last line of the text; then `lbt_normalize`.
+
+    There is always an answer (possibly ""): the reference has no "no answer" case."""
+    text = text or ""
+    m = _LBT_MARKED.search(text)
+    line = m.group(1) if m is not None else text.strip().split("\n")[-1]
+    return lbt_normalize(line)
+
+
+def lbt_gold(gold: object) -> str:
+    """A gold answer as the reference reads it: it wraps the gold as "[[Final Answer]]:\\n$<gold>$\\n"
+    and extracts it like a student's answer (search_rationale.py builds exactly that string)."""
+    return lbt_extract(f"[[Final Answer]]:\n${gold}$\n")
+
+
+class _Unparsed(Exception):
+    """A step of `_strip` failed where the reference's raised; `lbt_equal` then compares raw strings."""
+
+
+def _lbt_fix_fracs(s: str) -> str:
+    """`\\frac12` -> `\\frac{1}{2}`, `\\frac1{72}` -> `\\frac{1}{72}`; a short tail leaves `s` unchanged."""
+    head, *parts = s.split("\\frac")
+    out = head
+    for part in parts:
+        out += "\\frac"
+        if not part:
+            raise _Unparsed(s)  # the reference indexes part[0]
+        if part[0] == "{":
+            out += part
+            continue
+        if len(part) < 2:
+            return s
+        a, b, rest = part[0], part[1], part[2:]
+        out += "{" + a + "}" + (b + rest if b == "{" else "{" + b + "}" + rest)
+    return out
+
+
+def _lbt_fix_slash(s: str) -> str:
+    """"3/4" -> "\\frac{3}{4}" when both sides are integers written plainly."""
+    pieces = s.split("/")
+    if len(pieces) != 2:
+        return s
+    try:
+        a, b = int(pieces[0]), int(pieces[1])
+    except ValueError:
+        raise _Unparsed(s) from None  # the reference catches only the plain-spelling check
+    return "\\frac{" + str(a) + "}{" + str(b) + "}" if s == f"{a}/{b}" else s
+
+
+def _lbt_fix_sqrt(s: str) -> str:
+    if "\\sqrt" not in s:
+        return s
+    head, *parts = s.split("\\sqrt")
+    out = head
+    for part in parts:
+        if not part:
+            raise _Unparsed(s)
+        out += "\\sqrt" + (part if part[0] == "{" else "{" + part[0] + "}" + part[1:])
+    return out
+
+
+def _lbt_strip(s: str) -> str:
+    """The opencompass / Hendrycks `_strip_string` rules, in their order."""
+    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
+                     ("\\(", ""), ("\\)", ""), ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""),
+                     ("^\\circ", ""), ("\\$", "")):
+        s = s.replace(old, new)
+    if "\\text{ " in s:  # a unit on the right
+        pieces = s.split("\\text{ ")
+        if len(pieces) != 2:
+            raise _Unparsed(s)
+        s = pieces[0]
+    s = s.replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
+    if not s:
+        return s
+    if s[0] == ".":
+        s = "0" + s
+    sides = s.split("=")
+    if len(sides) == 2 and len(sides[0]) <= 2:  # "k = 5" -> "5"
+        s = sides[1]
+    s = _lbt_fix_sqrt(s).replace(" ", "")
+    s = _lbt_fix_fracs(s)
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    return _lbt_fix_slash(s)
+
+
+def lbt_equal(pred: object, gold: object) -> bool:
+    """The reference's `is_equiv` on two extracted answers: equal after `_strip_string`, or, when that
+    fails on either side, equal as raw strings. Two Nones are equal (as in the reference); one None is not."""
+    if pred is None or gold is None:
+        return pred is None and gold is None
+    a, b = str(pred), str(gold)
+    try:
+        return _lbt_strip(a) == _lbt_strip(b)
+    except (_Unparsed, IndexError):
+        return a == b

@@ -12,6 +12,7 @@ A stage's `parse:` field takes short forms, resolved by `build_parser`:
     parse: {choice: {options: [...], default: other}}
     parse: answer                                  # <output> = a math final answer
     parse: {answer: {fallback_last_number: false}}
+    parse: {answer: {rules: lbt}}                  # the LbT paper's extraction (first marker, else last line)
     parse: {function: "module:attr", columns: [a, b]}
 
 Sibling keys are options of the kind: `{choice: [a, b], default: c}` is
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from retort.errors import NotFoundError, ParseError, SpecError, UserError
-from retort.mathnorm import extract_answer, math_equal, normalize_answer
+from retort.mathnorm import extract_answer, lbt_extract, math_equal, normalize_answer
 
 if TYPE_CHECKING:
     from retort.workspace import Workspace
@@ -83,7 +84,7 @@ _KINDS: dict[str, tuple[str | None, frozenset[str]]] = {
     "regex": ("pattern", frozenset({"pattern", "flags"})),
     "json": (None, frozenset({"schema", "model"})),
     "choice": ("options", frozenset({"options", "default"})),
-    "answer": (None, frozenset({"fallback_last_number"})),
+    "answer": (None, frozenset({"fallback_last_number", "rules"})),
     "function": ("name", frozenset({"name", "columns"})),
 }
 _EXAMPLES = {
@@ -462,10 +463,27 @@ def _build_choice(options: dict[str, Any], output: str, where: str, workspace: W
 # --- answer and function ------------------------------------------------------------
 
 def _build_answer(options: dict[str, Any], output: str, where: str, workspace: Workspace | None) -> Parser:
+    """`rules: lenient` (default): `mathnorm.extract_answer`, the last boxed answer or marker, else (with
+    `fallback_last_number`) the last number. `rules: lbt`: `mathnorm.lbt_extract`, the LbT reference's
+    reading (the line after the first "[[Final Answer]]:" line, else the last line, normalised its way);
+    it always finds an answer, as the reference does."""
+    rules = options.get("rules", "lenient")
+    if rules not in ("lenient", "lbt"):
+        raise _spec_error(where, f"answer: rules must be lenient or lbt, got {rules!r}")
     fallback = options.get("fallback_last_number", True)
     if not isinstance(fallback, bool):
         raise _spec_error(where, f"answer: fallback_last_number must be true or false, "
                                  f"got {fallback!r}")
+    if rules == "lbt":
+        if "fallback_last_number" in options:
+            raise _spec_error(where, "answer: fallback_last_number is an option of rules: lenient; rules: lbt "
+                                     "falls back to the last line, as the LbT reference does")
+
+        def parse_lbt(text: str) -> dict[str, Any]:
+            return {output: lbt_extract(text)}
+
+        return Parser("answer", parse_lbt, columns=[output],
+                      identity=_identity("answer", {"output": output, "rules": "lbt"}))
     missing = "no final answer found" + ("" if fallback else " (no boxed answer or answer marker)")
 
     def parse(text: str) -> dict[str, Any]:

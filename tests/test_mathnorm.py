@@ -142,3 +142,85 @@ def test_normalize_canonical_forms() -> None:
     assert normalize_answer("2e3") == "2000"
     assert normalize_answer("0.125") == "0.125"
     assert normalize_answer(r"\frac{7}{8}") == "0.875"
+
+
+# --- the LbT reference's rules (lbt_extract, lbt_gold, lbt_equal) ---------------------------------
+#
+# Expected values worked out by hand from imagination-research/lbt,
+# lbt/datasets_adapter/math_dataset.py: `post_process` (the line after the first
+# "[[Final Answer]]:\n", which must itself end in "\n", else the last line),
+# `_normalize_final_answer` (drops spaces, "$", listed units, \text{} and \boxed{} wrappers;
+# "5,6" -> "56" because the comma-less text is all digits) and `is_equiv` (equal after the
+# opencompass `_strip_string`, or raw equality when that raises). The gold is wrapped as
+# "[[Final Answer]]:\n$<gold>$\n" first, as scripts/math/search_rationale.py does.
+
+from retort.mathnorm import lbt_equal, lbt_extract, lbt_gold, lbt_marked  # noqa: E402
+
+# (student's answer line, gold, the reference's verdict, retort's lenient verdict)
+LBT_PAIRS = [
+    ("18.00", "18", False, True),           # no numeric reading: strings differ
+    ("1/2", "2/4", False, True),            # \frac{1}{2} vs \frac{2}{4}
+    ("50%", "50", False, True),             # only "\%" is removed, not "%"
+    ("5\\%", "5", True, True),
+    ("7 days", "7", False, True),           # "days" is not in the reference's unit list
+    ("3 feet", "3", True, True),            # "feet" is
+    ("5 cm", "5", True, True),
+    ("12 dollars", "12", True, True),
+    ("10 apples", "10", False, True),
+    ("(B)", "B", False, True),
+    ("\\text{(B)}", "(B)", True, True),     # \text{} is unwrapped
+    ("5,6", "56", True, False),             # the comma goes: both read 56
+    ("1,000", "1000", True, True),
+    ("0.5", "1/2", True, True),             # "0.5" is special-cased to \frac{1}{2}
+    (".5", "1/2", True, True),              # a leading "." gets its 0 first
+    ("0.25", "1/4", False, True),           # only 0.5 is special-cased
+    ("\\frac12", "1/2", True, True),
+    ("\\dfrac{1}{2}", "\\frac{1}{2}", True, True),
+    ("-2/3", "-\\frac{2}{3}", False, True),  # "-2/3" becomes \frac{-2}{3}
+    ("x=5", "5", True, True),               # a short left side of "=" is dropped
+    ("\\boxed{16}", "16", True, True),
+    ("16.", "16", False, True),             # a trailing "." stays unless "$16.$" (".$" -> "$")
+    ("$16.$", "16", True, True),
+    ("90^\\circ", "90", True, True),
+    ("\\left(1,2\\right)", "(1,2)", True, True),
+    ("1/x", "1/x", True, True),             # int("x") raises: raw strings compare
+    ("X", "x", False, True),                # case matters
+]
+
+
+@pytest.mark.parametrize(("line", "gold", "reference", "lenient"), LBT_PAIRS)
+def test_lbt_reference_equality_on_tricky_pairs(line: str, gold: str, reference: bool, lenient: bool) -> None:
+    answer = lbt_extract(f"Some work.\n\n[[Final Answer]]:\n{line}\n")
+    assert lbt_equal(answer, lbt_gold(gold)) is reference
+    assert math_equal(line, gold) is lenient
+
+
+def test_lbt_reference_disagrees_with_the_lenient_rules_on_these_pairs() -> None:
+    assert sum(ref != len_ for _, _, ref, len_ in LBT_PAIRS) == 11
+
+
+@pytest.mark.parametrize(("text", "answer"), [
+    ("Work.\n\n[[Final Answer]]:\n$16$\n", "16"),
+    ("[[Final Answer]]:\n3\n\nOn second thought\n[[Final Answer]]:\n4\n", "3"),  # the FIRST marker
+    ("Work.\n[[Final Answer]]: 16", "[[FinalAnswer]]:16"),  # same line: no match, the last line as is
+    ("Work.\n\n[[Final Answer]]:\n$16$", "16"),              # no newline after it: the last line, same answer
+    ("skill 4. I am not sure how to finish.", "skill4.Iamnotsurehowtofinish."),  # truncated: its last line
+    ("\\boxed{5}\n[[Final Answer]]:\n$6$\n", "6"),           # the marker, not the boxed answer
+    ("So the answer is \\boxed{7}.", "Sotheansweris7."),     # boxed unwrapped inside the last line
+    ("", ""),
+])
+def test_lbt_reference_extraction(text: str, answer: str) -> None:
+    assert lbt_extract(text) == answer
+
+
+def test_lbt_marker_needs_the_answer_on_its_own_ended_line() -> None:
+    assert lbt_marked("x\n[[Final Answer]]:\n$3$\n")
+    assert not lbt_marked("x\n[[Final Answer]]:\n$3$")
+    assert not lbt_marked("x\n[[Final Answer]]: 3\n")
+    assert not lbt_marked(None)
+
+
+def test_lbt_equal_none_and_a_failed_strip() -> None:
+    assert lbt_equal(None, None) and not lbt_equal(None, "1") and not lbt_equal("1", None)
+    assert not lbt_equal("\\sqrt", "\\sqrt{}")  # _fix_sqrt raises on a bare \sqrt: raw strings differ
+    assert lbt_equal("\\frac", "\\frac")  # _fix_fracs raises on an empty tail: raw strings are equal

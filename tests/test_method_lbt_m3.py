@@ -4,8 +4,10 @@ The scripted students answer from markers in the examples they are shown:
 GOLD examples teach the task (every answer right), SILVER ones only the "easy"
 texts, and the initial examples (no marker) teach nothing (alice always says
 positive, bob always negative). The teacher rewrites any examples into
-[GOLD, SILVER, an unparseable reply]. The minibatch is the whole pool, so
-every score below follows by hand.
+[GOLD, SILVER, an unparseable reply]. When the teacher classifies (it scores the
+candidates and sits the held-out evaluation, as in the reference), it gets every
+text right with GOLD or SILVER examples and says negative with any others. The
+minibatch is the whole pool, so every score below follows by hand.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ REWRITES = [
 
 def teacher(request):
     text = "\\n".join(m["content"] for m in request.messages)
+    if "Answer with one word" in text:  # the classify prompt: the teacher as scorer or evaluator
+        shown = text.rsplit("Text:", 1)[0]
+        return _truth(_query(text)) if "GOLD" in shown or "SILVER" in shown else "negative"
     if "explain why the examples" in text:
         return "The examples never show a negative review that sounds mild."
     if "better examples" in text:
@@ -76,6 +81,7 @@ ROWS = [
     ("hard good plot", "positive", "pool"), ("hard bad plot", "negative", "pool"),
     ("easy good cast", "positive", "heldout"), ("easy bad cast", "negative", "heldout"),
     ("hard good cast", "positive", "heldout"), ("hard bad cast", "negative", "heldout"),
+    ("hard bad song", "negative", "heldout"),  # positive is the held-out minority (2 of 5)
 ]
 MODELS = ("--model", "alice=scripted:m3fake:alice", "--model", "bob=scripted:m3fake:bob",
           "--model", "default=scripted:m3fake:teacher")
@@ -98,8 +104,40 @@ def _run(ws: Path, *extra: str) -> dict[str, Any]:
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
 
-def test_rounds_beam_scores_and_heldout(m3: Path) -> None:
+def test_default_roles_students_find_failures_the_teacher_scores_and_is_evaluated(m3: Path) -> None:
     _run(m3)
+    candidates = _sql(m3, "SELECT round, candidate, parent, role, status, minibatch_score, kept "
+                          "FROM main.refine__candidates ORDER BY round, candidate")
+    assert candidates == [
+        (0, "r0.c0", None, "initial", "ok", None, True),
+        (1, "r0.c0", None, "parent", "ok", 0.5, False),      # the teacher says negative to all: 2 of 4
+        (1, "r1.c0", "r0.c0", "rewrite", "ok", 1.0, True),
+        (1, "r1.c1", "r0.c0", "rewrite", "ok", 1.0, True),   # the teacher, unlike the students, learns from SILVER
+        (1, "r1.c2", "r0.c0", "rewrite", "unparsed", None, False),
+        (2, "r1.c0", "r0.c0", "parent", "ok", 1.0, True),    # the students make no mistake: not rewritten
+        (2, "r1.c1", "r0.c0", "parent", "ok", 1.0, True),
+        (2, "r2.c0", "r1.c1", "rewrite", "ok", 1.0, False),  # ties keep the earlier: members before rewrites
+        (2, "r2.c1", "r1.c1", "rewrite", "ok", 1.0, False),
+        (2, "r2.c2", "r1.c1", "rewrite", "unparsed", None, False),
+    ]
+    assert _sql(m3, "SELECT round, parents, failures, rewrites, valid, best, beam FROM main.refine__rounds "
+                    "ORDER BY round") == [(1, 1, 4, 3, 2, "r1.c0", "r1.c0,r1.c1"),
+                                          (2, 2, 4, 3, 2, "r1.c0", "r1.c0,r1.c1")]
+    # the held-out evaluation is the teacher's (model `default`), never a student's
+    heldout = _sql(m3, "SELECT set, candidate, model, count(*), sum(correct::INT) FROM main.refine__heldout "
+                       "GROUP BY ALL ORDER BY set DESC")
+    assert heldout == [("initial", "r0.c0", "default", 5, 3), ("final", "r1.c0", "default", 5, 5)]
+    metrics = _sql(m3, "SELECT scorers, evaluators, f1_label, initial_heldout_accuracy, final_heldout_accuracy, "
+                       "initial_heldout_f1, final_heldout_f1 FROM main.refine")
+    # minority class positive: the initial examples never predict it (F1 0); the final ones get all right
+    assert metrics == [("default", "default", "positive", 0.6, 1.0, 0.0, 1.0)]
+    # the students only classified beam members on the minibatch: round 1 one member, round 2 two, 4 items each
+    student_calls = _sql(m3, "SELECT count(*) FROM main.calls WHERE model LIKE '%alice%' OR model LIKE '%bob%'")
+    assert student_calls == [(2 * (1 + 2) * 4,)]
+
+
+def test_students_as_scorers_and_evaluators_is_retorts_earlier_variant(m3: Path) -> None:
+    _run(m3, "--set", "params.scorers=[alice, bob]", "--set", "params.evaluators=[alice, bob]")
     candidates = _sql(m3, "SELECT round, candidate, parent, role, status, minibatch_score, kept "
                           "FROM main.refine__candidates ORDER BY round, candidate")
     assert candidates == [
@@ -124,13 +162,15 @@ def test_rounds_beam_scores_and_heldout(m3: Path) -> None:
     assert rounds == [(1, "2,3,4,5", 1, 4, 3, 2, "r1.c0", 1.0, "r1.c0,r0.c0"),
                       (2, "2,3,4,5", 2, 4, 3, 2, "r1.c0", 1.0, "r1.c0,r2.c0")]
 
-    heldout = _sql(m3, "SELECT set, candidate, student, count(*), sum(correct::INT) FROM main.refine__heldout "
-                       "GROUP BY ALL ORDER BY set DESC, student")
-    assert heldout == [("initial", "r0.c0", "alice", 4, 2), ("initial", "r0.c0", "bob", 4, 2),
-                       ("final", "r1.c0", "alice", 4, 4), ("final", "r1.c0", "bob", 4, 4)]
+    heldout = _sql(m3, "SELECT set, candidate, model, count(*), sum(correct::INT) FROM main.refine__heldout "
+                       "GROUP BY ALL ORDER BY set DESC, model")
+    assert heldout == [("initial", "r0.c0", "alice", 5, 2), ("initial", "r0.c0", "bob", 5, 3),
+                       ("final", "r1.c0", "alice", 5, 5), ("final", "r1.c0", "bob", 5, 5)]
     metrics = _sql(m3, "SELECT rounds, init, final_candidate, candidates, heldout_n, initial_heldout_accuracy, "
-                       "final_heldout_accuracy, heldout_gain, final_minibatch_score FROM main.refine")
-    assert metrics == [(2, "sample", "r1.c0", 6, 4, 0.5, 1.0, 0.5, 1.0)]
+                       "final_heldout_accuracy, heldout_gain, final_minibatch_score, initial_heldout_f1 "
+                       "FROM main.refine")
+    # initial: alice says positive to all (TP 2, FP 3), bob never does (FN 2): F1(positive) = 4 / (4 + 3 + 2)
+    assert metrics == [(2, "sample", "r1.c0", 6, 5, 0.5, 1.0, 0.5, 1.0, pytest.approx(4 / 9))]
     recorded = dict(_sql(m3, "SELECT name, value FROM main.metrics WHERE stage = 'refine'"))
     assert recorded["final_heldout_accuracy"] == 1.0 and recorded["initial_heldout_accuracy"] == 0.5
 
@@ -139,22 +179,26 @@ def test_failures_are_pooled_across_students(m3: Path) -> None:
     _run(m3)
     failures = _sql(m3, "SELECT round, candidate, student, item, label, prediction FROM main.refine__failures "
                         "ORDER BY round, candidate, item, student")
-    one_round = [("alice", "3", "negative", "positive"), ("bob", "2", "positive", "negative"),
-                 ("alice", "5", "negative", "positive"), ("bob", "4", "positive", "negative")]
-    expected = [(r, "r0.c0", s, i, gold, pred) for r in (1, 2) for s, i, gold, pred in
-                sorted(one_round, key=lambda x: (x[1], x[0]))]
-    assert failures == expected
+    assert failures == [  # round 1: the initial set (alice says positive, bob negative); round 2: SILVER
+        (1, "r0.c0", "bob", "2", "positive", "negative"), (1, "r0.c0", "alice", "3", "negative", "positive"),
+        (1, "r0.c0", "bob", "4", "positive", "negative"), (1, "r0.c0", "alice", "5", "negative", "positive"),
+        (2, "r1.c1", "alice", "4", "positive", "negative"), (2, "r1.c1", "bob", "4", "positive", "negative"),
+        (2, "r1.c1", "alice", "5", "negative", "positive"), (2, "r1.c1", "bob", "5", "negative", "positive"),
+    ]
     assert _sql(m3, "SELECT round, candidate, failures_shown, reasons FROM main.refine__feedback ORDER BY round") == [
         (1, "r0.c0", 4, "The examples never show a negative review that sounds mild."),
-        (2, "r0.c0", 4, "The examples never show a negative review that sounds mild.")]
-    # the teacher saw every student's failure, each item once with the wrong answer given
-    prompts = [json.loads(m)["messages"][-1]["content"] for (m,) in
-               _sql(m3, "SELECT request FROM main.calls WHERE request LIKE '%explain why the examples%'")]
-    assert len(prompts) == 1  # round 2 asked the same question: a cache hit
+        (2, "r1.c1", 2, "The examples never show a negative review that sounds mild.")]
+    # the teacher saw every student's failure, each item once with every wrong answer given
+    prompts = sorted(json.loads(m)["messages"][-1]["content"] for (m,) in
+                     _sql(m3, "SELECT request FROM main.calls WHERE request LIKE '%explain why the examples%'"))
+    assert len(prompts) == 2
+    first = next(p for p in prompts if "easy good plot" in p)
     for text, wrong in (("easy good plot", "negative"), ("easy bad plot", "positive"),
                         ("hard good plot", "negative"), ("hard bad plot", "positive")):
         assert f"- Text: {text}\n  Correct label: {'positive' if 'good' in text else 'negative'}; " \
-               f"students answered: {wrong}" in prompts[0]
+               f"students answered: {wrong}" in first
+    second = next(p for p in prompts if "easy good plot" not in p)
+    assert "- Text: hard good plot\n  Correct label: positive; students answered: negative, negative" in second
 
 
 def test_failures_shown_are_capped(m3: Path) -> None:
@@ -242,3 +286,21 @@ def test_end_to_end_on_the_embedded_model(workspace: Path) -> None:
     assert _sql(workspace, "SELECT count(*) FROM main.refine__heldout") == [(4,)]      # 2 sets x 2 rows
     assert _sql(workspace, "SELECT count(*) FROM main.refine__rounds") == [(1,)]
     print(f"lbt_m3 on the embedded model: {time.monotonic() - begun:.1f}s")
+
+
+def test_f1_of_the_minority_class_by_hand() -> None:
+    mod = _module()
+    labels = ["positive", "negative"]
+    held = [{"label": "positive"}] * 2 + [{"label": "negative"}] * 3
+    assert mod._f1_label("minority", labels, held) == "positive"
+    # a tie in support goes to the smaller label, as the reference's min over (support, label)
+    assert mod._f1_label("minority", labels, held[:2] + held[2:4]) == "negative"
+    assert mod._f1_label("Negative", labels, held) == "negative"
+    with pytest.raises(Exception, match="f1_label"):
+        mod._f1_label("neutral", labels, held)
+    records = [{"label": "positive", "prediction": "positive"}, {"label": "positive", "prediction": None},
+               {"label": "negative", "prediction": "positive"}, {"label": "negative", "prediction": "negative"}]
+    # positive: TP 1, FP 1, FN 1 -> P = R = 1/2 -> F1 1/2; negative: TP 1, FP 0, FN 1 -> P 1, R 1/2 -> F1 2/3
+    assert mod.f1_score(records, "positive") == 0.5
+    assert mod.f1_score(records, "negative") == pytest.approx(2 / 3)
+    assert mod.f1_score(records[2:], "positive") == 0.0 and mod.f1_score([], "positive") is None

@@ -331,6 +331,21 @@ def test_answer_parser_without_fallback() -> None:
         build_parser({"answer": {"fallback_last_number": "no"}}, "answer")
 
 
+def test_answer_parser_with_the_lbt_reference_rules() -> None:
+    parser = build_parser({"answer": {"rules": "lbt"}}, "answer")
+    assert parser.columns == ["answer"]
+    # the line after the FIRST marker, normalised the reference's way (spaces and "$" dropped)
+    assert parser("Work.\n\n[[Final Answer]]:\n$1,000$\n\n[[Final Answer]]:\n$7$\n") == {"answer": "1000"}
+    # no marker: the last line, never the last number, and never a parse error
+    assert parser("I got 12 and then 15.\nNot sure.") == {"answer": "Notsure."}
+    assert parser("[[Final Answer]]: 16") == {"answer": "[[FinalAnswer]]:16"}
+    assert parser.identity != build_parser("answer", "answer").identity
+    with pytest.raises(SpecError, match="lenient or lbt"):
+        build_parser({"answer": {"rules": "strict"}}, "answer")
+    with pytest.raises(SpecError, match="fallback_last_number is an option of rules: lenient"):
+        build_parser({"answer": {"rules": "lbt", "fallback_last_number": False}}, "answer")
+
+
 # --- identity and the public surface --------------------------------------------------
 
 def test_identity_is_stable_and_distinguishes_rules() -> None:
