@@ -128,9 +128,9 @@ def compare(spec: str | Path, *, models: Mapping[str, str] | None = None, limit:
             workspace: str | Path = ".", db: str | Path | None = None, retries: int = 5,
             progress: bool = False) -> Any:
     """Run a comparison spec (comparisons/NAME.yaml or a path) and return its scored result
-    (`retort.compare.Result`: per-strategy metrics, paired tests, costs)."""
+    (`retort.comparison.Result`: per-strategy metrics, paired tests, costs)."""
     from retort.cache import Cache
-    from retort.compare import find_comparison, run_comparison
+    from retort.comparison import find_comparison, run_comparison
     from retort.workspace import Workspace
 
     ws = Workspace(workspace)

@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keep)
     p = sub.add_parser("schema", help="the JSON Schema of the pipeline spec")
     p.set_defaults(func=cmd_schema)
-    from retort import compare
+    from retort import comparison as compare
 
     compare.add_parser(sub)
     p = sub.add_parser("init", help="a new workspace with one working example")

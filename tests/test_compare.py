@@ -21,7 +21,7 @@ import duckdb
 import pytest
 from conftest import ROOT, run_cli
 
-from retort.compare import bootstrap_statistic, choice_match, corpus_resamples, load_comparison, majority
+from retort.comparison import bootstrap_statistic, choice_match, corpus_resamples, load_comparison, majority
 from retort.errors import SpecError
 from retort.stats import bootstrap_ci
 from retort.workspace import Workspace
@@ -237,7 +237,9 @@ def test_three_strategies_then_a_fourth_calls_only_the_fourth(ws: Path) -> None:
         con.close()
     new = {run: n for run, n in calls_after.items() if run not in calls_before}
     assert list(new.values()) == [M] and new.keys() == {details["best"]["run_id"]}
-    assert made == {details[n]["run_id"]: (M if n == "best" else 0) for n in details}
+    # strategies whose latest run is complete and unchanged are up to date: no new run for them
+    assert made == {details["two"]["run_id"]: 0, details["best"]["run_id"]: M}
+    assert details["one"]["run_id"] < details["two"]["run_id"] and details["vote"]["run_id"] <= runs_before
     assert items == 4 * N  # the comparison's rows were replaced, not appended
 
 
