@@ -73,6 +73,8 @@ class StageStats:
     error: str | None = None
     metrics: dict[str, float] | None = None  # what a Python stage returned as a dict (also in `metrics`)
     reused_from: int | None = None  # the run that built this stage's rows, reused as they are (same fingerprint)
+    template: str | None = None  # prompt stages: SHA-256 of the template and all it includes (export manifests)
+    parser: str | None = None  # prompt stages: SHA-256 of the parser's identity (export manifests)
 
     completed: int = 0  # samples whose row slot is settled (hit, call, shared in-flight call, or failure)
 
@@ -92,6 +94,7 @@ class RunResult:
     up_to_date: bool = False  # nothing changed since run `run_id`: no new run was made (see Runner._up_to_date)
     # table → [fingerprint, content digest], for the input and every model stage that can be reused
     fingerprints: dict[str, list[str]] = field(default_factory=dict)
+    input: dict[str, Any] | None = None  # the input file read: path, sha256 of its bytes, limit (export manifests)
 
     @property
     def failures(self) -> int:
@@ -105,7 +108,8 @@ class RunResult:
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "pipeline": self.pipeline, "db_path": self.db_path,
                 "seconds": round(self.seconds, 3), "status": self.status, "up_to_date": self.up_to_date,
-                **self.totals(), "stages": [asdict(s) for s in self.stages], "fingerprints": self.fingerprints}
+                **self.totals(), "stages": [asdict(s) for s in self.stages], "fingerprints": self.fingerprints,
+                "input": self.input}
 
 
 class Progress:
@@ -300,6 +304,8 @@ class Runner:
         try:
             await self.preflight()
             self._load_input()
+            path, limit, _ = self._input
+            result.input = {"path": str(path.resolve()), "sha256": self._input_sha256, "limit": limit}
             # Bare table names in SQL stages and where: filters mean this run's tables, then the records.
             self.cache.con.execute(f"SET search_path = '{self.schema},main'")
             ticker = asyncio.create_task(self._tick())
@@ -400,10 +406,13 @@ class Runner:
         limit = self.limit or self.spec.input.limit
         if self.mode == "validate":
             limit = min(limit or 5, 5)
-        if not self.reuse or not path.is_file():
+        self._input_sha256: str | None = None
+        if self.dry or not path.is_file():
             return path, limit, None
         with path.open("rb") as f:
-            content = hashlib.file_digest(f, "sha256").hexdigest()
+            self._input_sha256 = content = hashlib.file_digest(f, "sha256").hexdigest()
+        if not self.reuse:
+            return path, limit, None
         return path, limit, hashlib.sha256(orjson.dumps(
             [_engine_digest(), "input", content, path.suffix.lower(), self.columns, limit])).hexdigest()
 
@@ -530,7 +539,9 @@ class Runner:
             self.backend(stage.model)  # an unknown model fails here, before any row
         elif stage.model.column not in columns:
             raise self._stage_error(stage, "model", f"column {stage.model.column!r} is not in {stage.from_}")
-        fingerprint = self._fingerprint(stage, template.digest(), parser.identity)
+        stats.template = template.digest()
+        stats.parser = hashlib.sha256(parser.identity.encode()).hexdigest()
+        fingerprint = self._fingerprint(stage, stats.template, parser.identity)
         if fingerprint and self._reused(stage, stats, fingerprint):
             return
         self.cache.release()
