@@ -370,3 +370,13 @@ def test_workspace_option_exports_into_the_workspace(db: Path, tmp_path_factory:
     assert (db / "exports" / "table.dpo.jsonl").is_file()
     assert not (elsewhere / "exports").exists()
     assert str(db / "exports" / "table.dpo.jsonl") in proc.stdout
+
+
+def test_option_values_that_look_like_credentials_are_redacted() -> None:
+    from retort.export import _redact
+
+    assert _redact("params.note", "hello") == "hello"
+    assert _redact("models.x.api_key", "plain-looking") == "<redacted>"  # by the setting's name
+    assert _redact("params.note", "hf_abcdefghijklmnop") == "<redacted>"  # by the value's shape
+    assert _redact("teacher", "http://me:s3cret@host:8000/v1#m") == "http://me:<redacted>@host:8000/v1#m"
+    assert _redact("teacher", "https://host/v1?api_key=abc&x=1") == "https://host/v1?api_key=<redacted>&x=1"
