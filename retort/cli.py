@@ -19,6 +19,7 @@ from retort import __version__
 from retort.errors import RetortError, UserError
 
 EXIT_FAILURES = 1
+EXIT_WARNINGS = 5  # --strict (or `strict: true`): the run finished and is recorded, but its summary warned
 
 
 def _workspace(args: argparse.Namespace) -> Any:
@@ -57,7 +58,7 @@ def _runner(args: argparse.Namespace, mode: str, cache: Any, progress: Any = Non
 
 def cmd_run(args: argparse.Namespace) -> int:
     from retort.cache import Cache
-    from retort.progress import RichProgress, print_summary
+    from retort.progress import RichProgress, print_summary, run_warnings
 
     cache = Cache(_db_path(args))
     runner = None
@@ -74,16 +75,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 143 if isinstance(exc, Terminated) else 130
     finally:
         cache.close()
+    warnings = run_warnings(result, runner.spec)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), "warnings": warnings}, indent=2))
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     else:
-        print_summary(result)
+        print_summary(result, warnings)
     failures = result.failures
     if failures > args.max_failures:
         print(f"{failures} failure(s), more than --max-failures {args.max_failures}: run {result.run_id} is kept "
               f"as failed and the latest complete tables are unchanged; `retort show failures` lists them, and "
               f"running again retries only them", file=sys.stderr)
         return EXIT_FAILURES
+    if warnings and (args.strict or runner.spec.strict):
+        why = "--strict" if args.strict else f"strict: true in {runner.src.file}"
+        print(f"{len(warnings)} warning(s) and {why}: exit {EXIT_WARNINGS} (run {result.run_id} is recorded)",
+              file=sys.stderr)
+        return EXIT_WARNINGS
     return 0
 
 
@@ -228,14 +237,16 @@ def _relation(cache: Any, stage: str, run: int | None) -> str:
 def cmd_show(args: argparse.Namespace) -> int:
     from rich.table import Table
 
+    from retort.export import select
+
     cache = _open_read(args)
     try:
         rel = _relation(cache, args.stage, args.run)
-        where = f" WHERE {args.where}" if args.where else ""
-        cur = cache.con.execute(f"SELECT * FROM {rel}{where} LIMIT {int(args.limit)}")
+        query = select(cache.con, rel, args.where)  # --where: one read-only filter, checked
+        cur = cache.con.execute(f"{query} LIMIT {int(args.limit)}")
         columns = [d[0] for d in cur.description]
         rows = cur.fetchall()
-        total = cache.con.execute(f"SELECT count(*) FROM {rel}{where}").fetchall()[0][0]
+        total = cache.con.execute(f"SELECT count(*) FROM ({query})").fetchall()[0][0]
     finally:
         cache.con.close()
     if not args.all_columns:
@@ -280,10 +291,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     cache = _open_read(args)
     try:
         rel = _relation(cache, args.stage, args.run)
-        out = export(cache, rel, args.stage, args.format, Path(args.out) if args.out else None, run=args.run)
+        out = export(cache, rel, args.stage, args.format, Path(args.out) if args.out else None, run=args.run,
+                     where=args.where, root=_workspace(args).root)
     finally:
         cache.con.close()
-    print(f"wrote {out.rows} rows to {out.path} (manifest: {out.manifest})")
+    print(f"wrote {out.rows} rows to {_short(out.path)} (manifest: {_short(out.manifest)})")
+    if out.dropped:
+        reasons = ", ".join(f"{n} with {'_error set (the output did not parse)' if why == '_error' else 'no ' + why}"
+                            for why, n in out.dropped_because.items())
+        print(f"dropped {out.dropped} of {out.kept + out.dropped} rows: {reasons}", file=sys.stderr)
+    if not out.rows:
+        print(f"warning: {_short(out.path)} is empty", file=sys.stderr)
     return 0
 
 
@@ -355,6 +373,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from retort.export import FORMATS
+
     parser = argparse.ArgumentParser(prog="retort", description="Declarative LLM prompting pipelines, "
                                                                 "every call cached in DuckDB.")
     parser.add_argument("--version", action="version", version=f"retort {__version__}")
@@ -370,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reuse", action="store_true",
                    help="rebuild every stage table, even one an earlier run built from the same inputs "
                         "(calls still come from the cache)")
+    p.add_argument("--strict", action="store_true",
+                   help=f"exit {EXIT_WARNINGS} when the summary warns (a prompt stage with many parse errors, "
+                        "an empty table), after the run is recorded; the spec setting `strict: true` does the same")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="check a pipeline without calling a model")
     _add_pipeline_args(p)
@@ -390,10 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("export", help="write a stage table as a dataset file, with a manifest")
     p.add_argument("stage")
-    p.add_argument("--format", default="jsonl",
-                   choices=["jsonl", "parquet", "multitask", "chat", "dpo", "dpo-chat"])
-    p.add_argument("--out", help="output path (default: exports/STAGE.EXT)")
-    p.add_argument("--run", type=int)
+    p.add_argument("--format", default="jsonl", choices=list(FORMATS),
+                   help="jsonl, parquet: the table; chat, multitask, dpo, dpo-chat: training records from the "
+                        "model's outputs (rows whose output failed are dropped); chat-gold: the gold label "
+                        "(see docs/export.md)")
+    p.add_argument("--out", help="output path (default: WORKSPACE/exports/STAGE.EXT)")
+    p.add_argument("--run", type=int, help="an earlier run's table")
+    p.add_argument("--where", help="a SQL filter over the table's columns, e.g. \"label = 'positive'\"")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("cache", help="cache statistics")
     p.add_argument("action", choices=["stats"])

@@ -1,60 +1,77 @@
 """Export a stage table as a dataset file, with a manifest beside it.
 
-    retort export STAGE --format FORMAT [--out PATH] [--run N]
+    retort export STAGE --format FORMAT [--out PATH] [--run N] [--where SQL]
 
     jsonl       the table as is, one JSON object per row
     parquet     the table as is, with its column types
+    chat        {"messages": [user, assistant]} from the model's outputs: `prompt` -> `completion` when
+                the table has them, else `text` -> `prediction` (after `rationale` and a blank line,
+                as "Label: <prediction>", when the table has a `rationale` column)
+    chat-gold   {"messages": [user, assistant]}: `text` -> the gold `label` (after `rationale`, as above);
+                the one format that supervises with the gold label, and its name says so
     multitask   distilling step by step: per row {"input": "predict: <text>", "output": <label>,
                 "task": "predict"}, {"input": "explain: <text>", "output": <rationale>, "task": "explain"},
                 and {"input": "explain_domain: <text>", "output": <domain_rationale>,
-                "task": "explain_domain"} when that column exists; a null rationale writes no record
-    chat        {"messages": [user, assistant]}: `prompt` -> `completion` when the table has them,
-                else `text` -> `rationale` (when present) and then "Label: <label>"
+                "task": "explain_domain"} when that column exists (the predict task trains on the gold
+                label, as the method does; the rationales are the model's)
     dpo         {"prompt", "chosen", "rejected"} strings
     dpo-chat    the same as message lists, TRL's conversational preference format: prompt is
                 [user], chosen and rejected are [assistant]
 
-`jsonl` and `parquet` leave out `_call` (a cache key, meaningless outside the
-database) and `_raw` (the completion the parsed columns came from) unless
-`include_raw=True`; the lineage columns `_id` and `_parent` stay. The training
-formats write exactly the fields above, so trainers take them as they are.
+Training formats never invent: a row whose model output failed (`_error` set: it did not parse)
+or that lacks a field its record is made of (null or blank) is dropped, never filled in with
+the gold label, and the manifest counts the dropped rows by reason. Their texts are stripped of
+surrounding whitespace. `jsonl` and `parquet` write every row as it is, and leave out `_call`
+(a cache key, meaningless outside the database) and `_raw` (the completion the parsed columns
+came from) unless `include_raw=True`; the lineage columns `_id` and `_parent` stay.
 
-The default path is `exports/<stage>.jsonl` or `exports/<stage>.parquet` for the
-table formats and `exports/<stage>.<format>.jsonl` for the training formats, so
-exporting one stage in several formats keeps every file. `<path>.manifest.json`
-records where the rows came from: pipeline, run, spec hash, the models that
-produced them, counts kept, dropped and skipped, format, retort version and time.
-It holds no secret: the models are the cache identities, which never carry a key.
+The default path is `WORKSPACE/exports/<stage>.jsonl` or `.parquet` for the table formats and
+`exports/<stage>.<format>.jsonl` for the training formats, so exporting one stage in several
+formats keeps every file. `<path>.manifest.json` records where the rows came from: the run
+(pipeline, spec hash, status, the input file's SHA-256, the options `--input`, `--limit`,
+`--map`, `--set`, `--model` it was started with), every prompt stage's template and parser
+digests and counts, the models and sampling parameters of the calls behind the run's tables,
+and what the export kept and dropped. It holds no secret: models are cache identities, which
+never carry a key, and option values that look like credentials are written as "<redacted>".
 
-Files are written in Python (orjson, pyarrow.parquet), never with DuckDB COPY:
-the cache's connection runs with external access disabled. A file is written
+`--where` is checked before anything runs (see `select`): one SQL expression over the table's
+columns, never a second statement. Files are written in Python (orjson, pyarrow.parquet), never
+with DuckDB COPY: the cache's connection runs with external access disabled. A file is written
 beside its final path and renamed, so a failed export leaves no half file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import re
+import shlex
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import pyarrow as pa
 
 from retort import __version__
-from retort.cache import Cache
 from retort.errors import UserError
 
-__all__ = ["FORMATS", "ExportResult", "export"]
+if TYPE_CHECKING:  # both are heavy imports; the CLI reads FORMATS on every start
+    import pyarrow as pa
 
-FORMATS = ("jsonl", "parquet", "multitask", "chat", "dpo", "dpo-chat")
+    from retort.cache import Cache
+
+__all__ = ["FORMATS", "ExportResult", "export", "select"]
+
+FORMATS = ("jsonl", "parquet", "chat", "chat-gold", "multitask", "dpo", "dpo-chat")
 RECORD_TABLES = frozenset({"calls", "runs", "failures", "metrics"})
 INTERNAL = ("_call", "_raw")
 EXPORT_DIR = Path("exports")
+ERROR = "_error"  # the reason a row is dropped when its model output did not parse
 
 Row = dict[str, Any]
 
@@ -66,46 +83,56 @@ class ExportResult:
     format: str
     rows: int  # records written (multitask writes up to three per table row)
     kept: int  # table rows that made it into the file
-    skipped: int  # table rows the format had nothing to write for (a null completion, say)
+    dropped: int  # table rows left out: their model output failed, or a field they need is blank
+    dropped_because: dict[str, int] = field(default_factory=dict)  # "_error" or the blank column → rows
 
 
 def export(cache: Cache, relation: str, stage: str, fmt: str, out: Path | None = None, *,
-           run: int | None = None, include_raw: bool = False) -> ExportResult:
-    """Write `relation` (a stage table, `main."X"` or `run_N."X"`) as `fmt` to `out`.
+           run: int | None = None, include_raw: bool = False, where: str | None = None,
+           root: Path | None = None) -> ExportResult:
+    """Write `relation` (a stage table, `main."X"` or `run_N."X"`), filtered by `where`, as `fmt` to
+    `out` (default: `root/exports/...`, root being the workspace, else the current directory).
 
-    Raises UserError for an unknown format or a table that lacks the columns the
-    format needs (the message names both column lists).
+    Raises UserError for an unknown format, a `where` that is not one read-only filter, or a
+    table that lacks the columns the format needs (the message names both column lists).
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; expected one of: {', '.join(FORMATS)}")
-    table = cache.con.sql(f"SELECT * FROM {relation}").to_arrow_table()
+    query = select(cache.con, relation, where)
+    table = cache.con.sql(query).to_arrow_table()
     if fmt in ("jsonl", "parquet") and not include_raw:
         table = table.drop_columns([c for c in INTERNAL if c in table.column_names])
-    build, columns = _builder(fmt, table.column_names, stage)  # checks the columns before any write
-    path = out if out is not None else _default_path(stage, fmt)
+    shape = _shape(fmt, table.column_names, stage)  # checks the columns before any write
+    path = out if out is not None else (root or Path()) / _default_path(stage, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "parquet":
-        rows, kept, skipped = _write_parquet(table, path)
+        rows, kept, dropped = _write_parquet(table, path)
     else:
-        rows, kept, skipped = _write_jsonl(table, build, path)
+        rows, kept, dropped = _write_jsonl(table, shape, path)
     manifest = path.with_name(path.name + ".manifest.json")
-    source = _provenance(cache, stage, run)
+    total = table.num_rows if where is None else \
+        int(cache.con.execute(f"SELECT count(*) FROM {relation}").fetchall()[0][0])
     record = {
         "format": fmt,
         "file": path.name,
         "sha256": _sha256(path),
         "rows": rows,
         "kept": kept,
-        "dropped": _dropped(source.pop("stage_stats")),
-        "skipped": skipped,
-        "columns": columns,
+        "dropped": sum(dropped.values()),
+        "dropped_because": dropped,
+        "supervision": shape.supervision,
+        "gold_label": shape.gold,
+        "columns": shape.fields,
         "stage": stage,
-        **source,
+        "table_rows": total,
+        "where": where,
+        **_provenance(cache, stage, run),
         "retort_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _atomic_write(manifest, orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
-    return ExportResult(path=path, manifest=manifest, format=fmt, rows=rows, kept=kept, skipped=skipped)
+    return ExportResult(path=path, manifest=manifest, format=fmt, rows=rows, kept=kept,
+                        dropped=sum(dropped.values()), dropped_because=dropped)
 
 
 def _default_path(stage: str, fmt: str) -> Path:
@@ -114,77 +141,149 @@ def _default_path(stage: str, fmt: str) -> Path:
     return EXPORT_DIR / f"{stage}.{fmt}.jsonl"
 
 
+# ------------------------------------------------------------------ --where
+
+def select(con: Any, relation: str, where: str | None) -> str:
+    """`SELECT * FROM relation`, filtered by `where` once it is known to be one filter and nothing else.
+
+    `show` and `export` both take `--where` from the command line. The text is refused when it
+    holds a `;`, and when the query it makes is not a single SELECT whose parse tree equals that of
+    `SELECT * FROM relation WHERE (TRUE)` but for the WHERE clause: a closing parenthesis
+    smuggling in a UNION, an ORDER BY or a LIMIT changes the tree. Last, the query is bound
+    (DESCRIBE) so an unknown column is one line naming the filter. The connection is read-only
+    besides, so nothing a filter could call writes the file.
+    """
+    base = f"SELECT * FROM {relation}"
+    if where is None:
+        return base
+    if not where.strip() or ";" in where:
+        raise UserError(f"--where {where!r}: expected one SQL filter expression"
+                        + (", without ';'" if ";" in where else ""))
+    import duckdb
+
+    query = f"{base} WHERE ({where})"
+    try:
+        statements = con.extract_statements(query)
+        if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT \
+                or _tree(con, query) != _tree(con, f"{base} WHERE (TRUE)"):
+            raise UserError(f"--where {where!r}: expected one SQL filter expression over {relation}, "
+                            "with nothing after it")
+        con.execute(f"DESCRIBE {query}").fetchall()
+    except duckdb.Error as exc:
+        raise UserError(f"--where {where!r}: {str(exc).strip().splitlines()[0]}") from None
+    return query
+
+
+def _tree(con: Any, query: str) -> Any:
+    """The parse tree of a query without its WHERE clause and source positions."""
+    tree = orjson.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchall()[0][0])
+    if tree.get("error"):
+        return None
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in ("where_clause", "query_location",
+                                                                   "query_location_length")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return strip(tree["statements"])
+
+
 # ------------------------------------------------------------------ formats
 
-Build = Callable[[Row], list[Row]]
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """How a format turns a table row into records."""
+
+    fields: list[str]  # the records' fields
+    needs: tuple[str, ...]  # columns a row must have (not null, not blank) to be written
+    build: Callable[[Row], list[Row]]  # a row that has them → its records
+    supervision: dict[str, str]  # each record field → the column (or text) it comes from
+    gold: str | None = None  # the column of gold labels the records are supervised with, if any
+    check_error: bool = True  # drop rows whose `_error` is set
 
 
 def _present(value: Any) -> bool:
     return value is not None and not (isinstance(value, str) and not value.strip())
 
 
-def _needs(fmt: str, have: list[str], stage: str, *options: tuple[str, ...]) -> tuple[str, ...]:
+def _text(value: Any) -> str:
+    return str(value).strip()
+
+
+def _needs(fmt: str, have: list[str], stage: str, *options: tuple[str, ...], hint: str = "") -> tuple[str, ...]:
     """The first option whose columns the table has, else a UserError naming them all."""
     for option in options:
         if all(c in have for c in option):
             return option
     wanted = " or ".join(f"({', '.join(o)})" for o in options) if len(options) > 1 else ", ".join(options[0])
-    raise UserError(f"--format {fmt} needs the columns {wanted}; {stage} has: {', '.join(have) or 'none'}")
+    raise UserError(f"--format {fmt} needs the columns {wanted}; {stage} has: {', '.join(have) or 'none'}"
+                    + hint)
 
 
-def _builder(fmt: str, have: list[str], stage: str) -> tuple[Build, list[str]]:
-    """The function turning one table row into its records, and the records' fields."""
+def _shape(fmt: str, have: list[str], stage: str) -> _Shape:
     if fmt in ("jsonl", "parquet"):
-        return (lambda row: [row]), have
+        return _Shape(have, (), lambda row: [row], {}, check_error=False)
+    rationale = ("rationale",) if "rationale" in have else ()
+    if fmt == "chat":
+        hint = "; --format chat-gold writes text -> the gold label" if "label" in have else ""
+        pair = _needs(fmt, have, stage, ("prompt", "completion"), ("text", "prediction"), hint=hint)
+        if pair == ("prompt", "completion"):
+            return _Shape(["messages"], pair, lambda row: _chat(row["prompt"], row["completion"]),
+                          {"user": "prompt", "assistant": "completion"})
+        return _Shape(["messages"], (*pair, *rationale), lambda row: _chat(row["text"], _answer(row, "prediction")),
+                      {"user": "text", "assistant": " + ".join((*rationale, "prediction"))})
+    if fmt == "chat-gold":
+        pair = _needs(fmt, have, stage, ("text", "label"))
+        return _Shape(["messages"], (*pair, *rationale), lambda row: _chat(row["text"], _answer(row, "label")),
+                      {"user": "text", "assistant": " + ".join((*rationale, "label (gold)"))}, gold="label")
     if fmt == "multitask":
         _needs(fmt, have, stage, ("text", "label", "rationale"))
         tasks = [("rationale", "explain")] + ([("domain_rationale", "explain_domain")]
                                               if "domain_rationale" in have else [])
-        return (lambda row: _multitask(row, tasks)), ["input", "output", "task"]
-    if fmt == "chat":
-        pair = _needs(fmt, have, stage, ("prompt", "completion"), ("text", "label"))
-        with_rationale = pair == ("text", "label") and "rationale" in have
-        return (lambda row: _chat(row, pair, with_rationale)), ["messages"]
-    _needs(fmt, have, stage, ("prompt", "chosen", "rejected"))
-    return (_dpo_chat if fmt == "dpo-chat" else _dpo), ["prompt", "chosen", "rejected"]
+        return _Shape(["input", "output", "task"], ("text", "label", *(c for c, _ in tasks)),
+                      lambda row: _multitask(row, tasks),
+                      {"predict": "label (gold)", **{task: column for column, task in tasks}}, gold="label")
+    needs = _needs(fmt, have, stage, ("prompt", "chosen", "rejected"))
+    return _Shape(["prompt", "chosen", "rejected"], needs, _dpo_chat if fmt == "dpo-chat" else _dpo,
+                  {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"})
+
+
+def _answer(row: Row, label: str) -> str:
+    """The assistant's turn: the label, after the rationale when the table has one."""
+    if "rationale" in row:
+        return f"{_text(row['rationale'])}\n\nLabel: {_text(row[label])}"
+    return _text(row[label])
+
+
+def _chat(user: Any, assistant: Any) -> list[Row]:
+    return [{"messages": [{"role": "user", "content": _text(user)},
+                          {"role": "assistant", "content": _text(assistant)}]}]
 
 
 def _multitask(row: Row, tasks: list[tuple[str, str]]) -> list[Row]:
-    text = row["text"]
-    if not _present(text):
-        return []
-    records = []
-    if _present(row["label"]):
-        records.append({"input": f"predict: {text}", "output": str(row["label"]), "task": "predict"})
-    for column, task in tasks:
-        if _present(row[column]):
-            records.append({"input": f"{task}: {text}", "output": str(row[column]), "task": task})
-    return records
-
-
-def _chat(row: Row, pair: tuple[str, ...], with_rationale: bool) -> list[Row]:
-    user, answer = (row[c] for c in pair)
-    if not (_present(user) and _present(answer)):
-        return []
-    if pair == ("text", "label"):
-        rationale = row["rationale"] if with_rationale else None
-        answer = f"{str(rationale).strip()}\n\nLabel: {answer}" if _present(rationale) else str(answer)
-    return [{"messages": [{"role": "user", "content": str(user)},
-                          {"role": "assistant", "content": str(answer)}]}]
+    text = _text(row["text"])
+    return [{"input": f"predict: {text}", "output": _text(row["label"]), "task": "predict"},
+            *({"input": f"{task}: {text}", "output": _text(row[column]), "task": task} for column, task in tasks)]
 
 
 def _dpo(row: Row) -> list[Row]:
-    values = [row["prompt"], row["chosen"], row["rejected"]]
-    if not all(_present(v) for v in values):
-        return []
-    prompt, chosen, rejected = map(str, values)
-    return [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+    return [{"prompt": _text(row["prompt"]), "chosen": _text(row["chosen"]), "rejected": _text(row["rejected"])}]
 
 
 def _dpo_chat(row: Row) -> list[Row]:
     return [{"prompt": [{"role": "user", "content": r["prompt"]}],
              "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in _dpo(row)]
+
+
+def _dropped_because(row: Row, shape: _Shape) -> str | None:
+    """Why a row is left out (`_error`, or the first needed column that is blank), or None to keep it."""
+    if shape.check_error and row.get(ERROR):
+        return ERROR
+    return next((c for c in shape.needs if not _present(row[c])), None)
 
 
 # ------------------------------------------------------------------ writing
@@ -200,16 +299,20 @@ def _json_default(value: Any) -> Any:
 _JSONL = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 
-def _write_jsonl(table: pa.Table, build: Build, path: Path) -> tuple[int, int, int]:
-    rows = kept = skipped = 0
+def _write_jsonl(table: pa.Table, shape: _Shape, path: Path) -> tuple[int, int, dict[str, int]]:
+    rows = kept = 0
+    dropped: dict[str, int] = {}
 
     def lines() -> Iterator[bytes]:
-        nonlocal rows, kept, skipped
+        nonlocal rows, kept
         for batch in table.to_batches(max_chunksize=4096):
             for row in batch.to_pylist():
-                records = build(row)
-                kept += bool(records)
-                skipped += not records
+                why = _dropped_because(row, shape)
+                if why is not None:
+                    dropped[why] = dropped.get(why, 0) + 1
+                    continue
+                records = shape.build(row)
+                kept += 1
                 rows += len(records)
                 for record in records:
                     yield orjson.dumps(record, default=_json_default, option=_JSONL)
@@ -221,10 +324,10 @@ def _write_jsonl(table: pa.Table, build: Build, path: Path) -> tuple[int, int, i
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return rows, kept, skipped
+    return rows, kept, dropped
 
 
-def _write_parquet(table: pa.Table, path: Path) -> tuple[int, int, int]:
+def _write_parquet(table: pa.Table, path: Path) -> tuple[int, int, dict[str, int]]:
     import pyarrow.parquet as pq
 
     tmp = path.with_name(path.name + ".tmp")
@@ -233,7 +336,7 @@ def _write_parquet(table: pa.Table, path: Path) -> tuple[int, int, int]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return table.num_rows, table.num_rows, 0
+    return table.num_rows, table.num_rows, {}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -253,14 +356,15 @@ def _sha256(path: Path) -> str:
 # ------------------------------------------------------------------ provenance
 
 def _provenance(cache: Cache, stage: str, run: int | None) -> dict[str, Any]:
-    """Pipeline, run, spec hash, models and the stage's counts, from the `runs` table.
+    """Where the table came from, from the `runs` and `calls` tables: the run, its input and
+    options, its stages' template and parser digests and counts, its models and their sampling
+    parameters.
 
-    Without `--run`, `main.STAGE` is a view of the latest run that produced a
-    table named STAGE (each run points the views at its own tables when it
-    finishes), so that is the run looked up here.
+    Without `--run`, `main.STAGE` is a view of the latest run that produced a table named STAGE
+    (each run points the views at its own tables when it finishes), so that is the run looked up.
     """
-    empty: dict[str, Any] = {"pipeline": None, "run_id": None, "spec_hash": None, "models": [],
-                             "stage_stats": None}
+    empty: dict[str, Any] = {"pipeline": None, "run_id": None, "run_status": None, "spec_hash": None,
+                             "input": None, "options": None, "stages": [], "models": [], "sampling": []}
     con = cache.con
     if run is None:
         if stage in RECORD_TABLES:
@@ -271,38 +375,80 @@ def _provenance(cache: Cache, stage: str, run: int | None) -> dict[str, Any]:
         if not found:
             return empty
         run = int(found[0][0])
-    info = con.execute("SELECT pipeline, spec_hash, stats FROM runs WHERE run_id = ?", [run]).fetchall()
+    info = con.execute("SELECT pipeline, spec_hash, status, argv, stats FROM runs WHERE run_id = ?", [run]).fetchall()
     if not info:
         return {**empty, "run_id": run}
-    pipeline, spec_hash, stats = info[0]
-    if isinstance(stats, str):
-        stats = orjson.loads(stats)
-    stage_stats = next((s for s in (stats or {}).get("stages", []) if s.get("name") == stage), None)
-    return {"pipeline": pipeline, "run_id": run, "spec_hash": spec_hash, "models": _models(con, run),
-            "stage_stats": stage_stats}
+    pipeline, spec_hash, status, argv, stats = info[0]
+    stats = (orjson.loads(stats) if isinstance(stats, str) else stats) or {}
+    sampling = _sampling(con, run)
+    return {"pipeline": pipeline, "run_id": run, "run_status": status, "spec_hash": spec_hash,
+            "input": stats.get("input"), "options": _options(argv),
+            "stages": [{k: s.get(k) for k in STAGE_FIELDS} for s in stats.get("stages", [])],
+            "models": sorted({m["model"] for m in sampling}), "sampling": sampling}
 
 
-def _models(con: Any, run: int) -> list[str]:
-    """The cache identities of the models whose calls fed any table of the run."""
+STAGE_FIELDS = ("name", "kind", "rows_in", "rows_out", "failures", "parse_errors", "reused_from", "template",
+                "parser")
+
+
+def _sampling(con: Any, run: int) -> list[dict[str, Any]]:
+    """Each (model identity, sampling parameters) whose calls fed a table of the run, with those tables.
+
+    The parameters are the ones in the calls' requests (what the cache key covers), so they are
+    what the model was asked with, whatever the spec says today."""
     schema = f"run_{run}"
     tables = [r[0] for r in con.execute("SELECT DISTINCT table_name FROM information_schema.columns "
                                         "WHERE table_schema = ? AND column_name = '_call' ORDER BY 1",
                                         [schema]).fetchall()]
     if not tables:
         return []
-    keys = " UNION ".join(f'SELECT _call FROM {schema}."{t}"' for t in tables)
-    rows = con.execute(f"SELECT DISTINCT model FROM calls WHERE key IN ({keys}) ORDER BY 1").fetchall()
-    return [r[0] for r in rows]
+    keys = " UNION ALL ".join("SELECT '{}' AS t, _call FROM {}.\"{}\"".format(
+        t.replace("'", "''"), schema, t.replace('"', '""')) for t in tables)
+    rows = con.execute(f"SELECT c.model, CAST(c.request->'params' AS VARCHAR), array_agg(DISTINCT u.t ORDER BY u.t) "
+                       f"FROM ({keys}) u JOIN calls c ON c.key = u._call GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+    return [{"model": _redact("", model), "params": orjson.loads(params) if params else None, "tables": list(names)}
+            for model, params, names in rows]
 
 
-def _dropped(stage_stats: dict[str, Any] | None) -> int | None:
-    """Input rows of the stage that produced no row: prompt and SQL stages that count their input.
-
-    A Python stage aggregates (rows in, one row out), so its difference means nothing.
-    """
-    if not stage_stats or stage_stats.get("kind") not in ("prompt", "sql"):
+def _options(argv: str | None) -> dict[str, Any] | None:
+    """The options a `retort run` command line was started with (`runs.argv`), or None for a run
+    started otherwise (compare, the Python API). Parsed with the CLI's own parser, so an
+    abbreviated option reads as it did; values that look like credentials are redacted."""
+    if not argv:
         return None
-    rows_in, rows_out = stage_stats.get("rows_in") or 0, stage_stats.get("rows_out") or 0
-    if rows_in <= 0 or rows_out > rows_in:  # not counted (SQL today), or samples fan out
+    from retort.cli import build_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            args = build_parser().parse_args(shlex.split(argv))
+    except (SystemExit, ValueError):
         return None
-    return int(rows_in - rows_out)
+    if args.command != "run":
+        return None
+
+    def pairs(items: list[str] | None) -> dict[str, str]:
+        split = (item.partition("=") for item in items or [])
+        return {k: _redact(k, v) for k, _, v in split}
+
+    options = {"input": args.input, "limit": args.limit, "map": pairs(args.map), "set": pairs(args.set),
+               "model": pairs(args.model)}
+    for name in ("sample", "seed"):  # a random subset, where this retort has the options
+        if hasattr(args, name):
+            options[name] = getattr(args, name)
+    return options
+
+
+_CREDENTIAL_NAME = re.compile(r"key|token|secret|passw|credential|auth", re.IGNORECASE)
+_CREDENTIAL_VALUE = re.compile(r"\s*(sk-|sk_|hf_|ghp_|gho_|ghs_|github_pat_|glpat-|xox[abpr]-|AKIA|AIza|Bearer\s)")
+_URL_PASSWORD = re.compile(r"(//[^/@:\s]*:)[^/@\s]*@")
+_URL_SECRET = re.compile(r"([?&][^=&#]*(?:key|token|secret)[^=&#]*=)[^&#]*", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def _redact(name: str, value: str) -> str:
+    """`value` unless it looks like a credential: set under a name such as `api_key` or `token`, or
+    shaped like a provider's key (`sk-...`, `hf_...`); a URL keeps everything but its password and
+    secret query values."""
+    if _CREDENTIAL_NAME.search(name) or _CREDENTIAL_VALUE.match(value):
+        return REDACTED
+    return _URL_SECRET.sub(rf"\1{REDACTED}", _URL_PASSWORD.sub(rf"\1{REDACTED}@", value))

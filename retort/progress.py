@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from retort.runner import Progress as RunnerProgress
 from retort.runner import RunResult, StageStats
+from retort.spec import Pipeline
 
 
 def _console() -> Console:
@@ -67,9 +70,44 @@ class RichProgress(RunnerProgress):
             self.bar.update(task, total=max(stats.rows_out, 1), completed=max(stats.rows_out, 1))
 
 
-def print_summary(result: RunResult) -> None:
+PARSE_ERROR_RATE = 0.2  # a prompt stage with at least this share of unparsed rows is warned about
+
+
+def run_warnings(result: RunResult, spec: Pipeline) -> list[str]:
+    """What the summary must not let pass as a plain `ok`: a prompt stage where PARSE_ERROR_RATE or
+    more of the rows did not parse, and an empty stage table that is not simply the echo of an
+    empty input: one whose own input had rows, or one no later stage reads (what the pipeline
+    delivers). An empty intermediate table, such as CDMT's `retry` when the teacher was always
+    right, is normal; its emptiness shows downstream if it matters."""
+    stages = list(spec.stages)
+    read: set[str] = set()
+    for i, stage in enumerate(stages):
+        later = " ".join(str(getattr(s, attr, None) or "") for s in stages[i + 1:] for attr in ("sql", "where"))
+        readers = {getattr(s, "from_", None) or (stages[j - 1].name if j else "input")
+                   for j, s in enumerate(stages) if j > i and not hasattr(s, "sql")}
+        if stage.name in readers or re.search(rf"\b{re.escape(stage.name)}\b", later):
+            read.add(stage.name)
+    out = []
+    for s in result.stages:
+        if s.error:
+            continue  # a crashed stage is a failure already, counted and shown as one
+        if s.kind == "prompt" and s.rows_out and s.parse_errors / s.rows_out >= PARSE_ERROR_RATE:
+            out.append(f"{s.name}: {s.parse_errors} of {s.rows_out} rows did not parse "
+                       f"({s.parse_errors / s.rows_out:.0%}); their parsed columns are null, see "
+                       f"retort show {s.name} --where \"_error IS NOT NULL\" --columns _raw,_error")
+        elif s.rows_out == 0 and s.rows_in > 0:
+            out.append(f"{s.name} is empty: none of its {s.rows_in} input rows gave a row"
+                       + (f" ({s.failures} failed calls, see retort show failures)" if s.failures else ""))
+        elif s.rows_out == 0 and s.name not in read:
+            out.append(f"{s.name} is empty, and no later stage reads it: the run delivers no rows there")
+    return out
+
+
+def print_summary(result: RunResult, warnings: list[str] | tuple[str, ...] = ()) -> None:
     console = _console()
     state = "up to date" if result.up_to_date else f"{result.status} in {result.seconds:.1f}s"
+    if warnings:
+        state = f"{state}, {len(warnings)} warning{'s' if len(warnings) > 1 else ''}"
     table = Table(title=f"run {result.run_id} of {result.pipeline}: {state}", title_justify="left")
     for col in ("stage", "kind", "rows in", "rows out", "calls", "cache hits", "made", "failures",
                 "parse errors", "tokens", "seconds"):
@@ -102,6 +140,8 @@ def print_summary(result: RunResult) -> None:
     for s in result.stages:
         if s.error:
             print(f"stage {s.name} failed: {s.error}", file=sys.stderr)
+    for warning in warnings:
+        console.print(f"[bold yellow]warning:[/bold yellow] {escape(warning)}", highlight=False)
 
 
 def print_plan(result: RunResult) -> None:

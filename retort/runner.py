@@ -83,6 +83,8 @@ class StageStats:
     error: str | None = None
     metrics: dict[str, float] | None = None  # what a Python stage returned as a dict (also in `metrics`)
     reused_from: int | None = None  # the run that built this stage's rows, reused as they are (same fingerprint)
+    template: str | None = None  # prompt stages: SHA-256 of the template and all it includes (export manifests)
+    parser: str | None = None  # prompt stages: SHA-256 of the parser's identity (export manifests)
 
     completed: int = 0  # samples whose row slot is settled (hit, call, shared in-flight call, or failure)
 
@@ -102,6 +104,7 @@ class RunResult:
     up_to_date: bool = False  # nothing changed since run `run_id`: no new run was made (see Runner._up_to_date)
     # table → [fingerprint, content digest], for the input and every model stage that can be reused
     fingerprints: dict[str, list[str]] = field(default_factory=dict)
+    input: dict[str, Any] | None = None  # the input file read: path, sha256 of its bytes, limit (export manifests)
 
     @property
     def failures(self) -> int:
@@ -115,7 +118,8 @@ class RunResult:
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "pipeline": self.pipeline, "db_path": self.db_path,
                 "seconds": round(self.seconds, 3), "status": self.status, "up_to_date": self.up_to_date,
-                **self.totals(), "stages": [asdict(s) for s in self.stages], "fingerprints": self.fingerprints}
+                **self.totals(), "stages": [asdict(s) for s in self.stages], "fingerprints": self.fingerprints,
+                "input": self.input}
 
 
 class Progress:
@@ -301,6 +305,9 @@ class Runner:
             if self.reuse:
                 self._builds = self.cache.builds(["input", *(s.name for s in self.spec.stages)])
             source = self._read_input()
+            path, limit, _ = self._input
+            result.input = {"path": str(path.resolve()) if self.input_data is None else str(path),
+                            "sha256": self.input_sha256, "limit": limit}
             if self.mode == "run":
                 self._start(result)
             await self._stages(result, source)
@@ -412,28 +419,33 @@ class Runner:
 
     @functools.cached_property
     def _input(self) -> tuple[Path, int | None, str | None]:
-        """The input file, the row limit this run reads, and their fingerprint (the same bytes,
-        mapping and limit: the same input table; None without reuse). The file is hashed once."""
+        """The input, the row limit this run reads, and their fingerprint (the same bytes, mapping and
+        limit: the same input table; None without reuse). The content is hashed once, and its
+        SHA-256 kept for the run's record (`input_sha256`: export manifests name it)."""
         limit = self.limit or self.spec.input.limit
         if self.mode == "validate":
             limit = min(limit or 5, 5)
+        self.input_sha256: str | None = None
         if self.input_data is not None:
-            path = Path("<rows given in memory>")
-            if not self.reuse:
+            path, kind = Path("<rows given in memory>"), "arrow"
+            if self.dry:
                 return path, limit, None
             sink = pa.BufferOutputStream()
             with pa.ipc.new_stream(sink, self.input_data.schema) as writer:
                 writer.write_table(self.input_data)
             content = hashlib.sha256(sink.getvalue()).hexdigest()
-            return path, limit, hashlib.sha256(orjson.dumps(
-                [_engine_digest(), "input", content, "arrow", self.columns, limit])).hexdigest()
-        path = self.ws.data(self.input_path or self.spec.input.path, base=self.spec_dir)
-        if not self.reuse or not path.is_file():
+        else:
+            path = self.ws.data(self.input_path or self.spec.input.path, base=self.spec_dir)
+            kind = path.suffix.lower()
+            if self.dry or not path.is_file():
+                return path, limit, None
+            with path.open("rb") as f:
+                content = hashlib.file_digest(f, "sha256").hexdigest()
+        self.input_sha256 = content
+        if not self.reuse:
             return path, limit, None
-        with path.open("rb") as f:
-            content = hashlib.file_digest(f, "sha256").hexdigest()
         return path, limit, hashlib.sha256(orjson.dumps(
-            [_engine_digest(), "input", content, path.suffix.lower(), self.columns, limit])).hexdigest()
+            [_engine_digest(), "input", content, kind, self.columns, limit])).hexdigest()
 
     def _read_input(self) -> pa.Table | None:
         """The input rows, mapped, read before the run starts (a bad file or mapping makes no run);
@@ -570,7 +582,9 @@ class Runner:
             self.backend(stage.model)  # an unknown model fails here, before any row
         elif stage.model.column not in columns:
             raise self._stage_error(stage, "model", f"column {stage.model.column!r} is not in {stage.from_}")
-        fingerprint = self._fingerprint(stage, template.digest(), parser.identity)
+        stats.template = template.digest()
+        stats.parser = hashlib.sha256(parser.identity.encode()).hexdigest()
+        fingerprint = self._fingerprint(stage, stats.template, parser.identity)
         if fingerprint and self._reused(stage, stats, fingerprint):
             return
         self.cache.release()

@@ -145,6 +145,8 @@ class Pipeline(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="values templates see as `params`")
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     stages: list[Stage] = Field(min_length=1)
+    strict: bool = Field(False, description="a run whose summary warns (a stage with many parse errors, an "
+                                            "empty table) exits non-zero, as `retort run --strict` does")
 
     def model_for(self, name: str) -> ModelSpec:
         if name in self.models:
