@@ -264,3 +264,15 @@ def children(walk: _Walk, stage: str, row_id: str, limit: int = 50) -> list[tupl
                                 f"WHERE CAST(_parent AS VARCHAR) = ? LIMIT ?", [row_id, limit - len(out)]).fetchall()
         out.extend((table, r[0]) for r in rows)
     return out
+
+
+def source_table(con: duckdb.DuckDBPyConnection, run_id: int, stage: str, row_id: str) -> str | None:
+    """The nearest table before `stage` in run `run_id` holding a row `row_id`: where the row a failed call
+    of `stage` was made from lives (`failures.row_id`), so its lineage can be shown."""
+    tables = run_tables(con, run_id)
+    before = tables[: tables.index(stage)] if stage in tables else tables
+    for table in reversed(before):
+        rel = relation(run_id, table)
+        if "_id" in columns(con, rel) and fetch_row(con, rel, row_id)[0] is not None:
+            return table
+    return None

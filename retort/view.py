@@ -38,7 +38,7 @@ import duckdb
 
 from retort.cache import Cache
 from retort.errors import CacheError, NotFoundError, RetortError, UserError
-from retort.lineage import check_table, columns, kept_runs, lineage, quote, run_tables, stage_order
+from retort.lineage import check_table, columns, kept_runs, lineage, quote, run_tables, source_table, stage_order
 
 STATIC = Path(__file__).parent / "viewer"
 RECORDS = ("failures", "metrics", "compare_items", "runs", "calls")  # tables of `main` the viewer may show
@@ -221,8 +221,11 @@ def api_failures(con: duckdb.DuckDBPyConnection, params: dict[str, list[str]]) -
     run = _int(params, "run")
     calls = con.execute("SELECT stage, row_id, call_key, error, status, created_at FROM failures "
                         "WHERE run_id = ? ORDER BY created_at, stage, row_id LIMIT 500", [run]).fetchall()
+    kept = run in kept_runs(con)
+    sources = {(stage, row): source_table(con, run, stage, row) if kept and row is not None else None
+               for stage, row, *_ in calls}
     parse = []
-    if run in kept_runs(con):
+    if kept:
         for name in run_tables(con, run):
             rel = check_table(con, run, name)
             if "_error" not in columns(con, rel):
@@ -230,8 +233,8 @@ def api_failures(con: duckdb.DuckDBPyConnection, params: dict[str, list[str]]) -
             for row_id, error, raw in con.execute(f"SELECT CAST(_id AS VARCHAR), _error, _raw FROM {rel} "
                                                   "WHERE _error IS NOT NULL LIMIT 200").fetchall():
                 parse.append({"table": name, "id": row_id, "error": error, "raw": _cut(raw)})
-    return {"run": run, "calls": [{"stage": s, "row": r, "key": k, "error": e, "status": st, "at": _plain(at)}
-                                  for s, r, k, e, st, at in calls], "parse": parse}
+    return {"run": run, "calls": [{"stage": s, "row": r, "source": sources[(s, r)], "key": k, "error": e, "status": st,
+                                   "at": _plain(at)} for s, r, k, e, st, at in calls], "parse": parse}
 
 
 def api_reports(store: Store) -> dict[str, Any]:

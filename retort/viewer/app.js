@@ -56,10 +56,11 @@ function status(value) { return el("span", { class: `status ${value}` }, value);
 
 function table(head, rows, opts) {
   const numeric = new Set((opts && opts.numeric) || []);
+  const wrap = new Set((opts && opts.wrap) || []);
   return el("div", { class: "wrap" }, el("table", { id: opts && opts.id },
     el("thead", {}, el("tr", {}, head.map((h, i) => el("th", { class: numeric.has(i) ? "num" : null }, h)))),
     el("tbody", {}, rows.map((r) => el("tr", {}, r.map((c, i) =>
-      el("td", { class: numeric.has(i) ? "num" : null }, c)))))));
+      el("td", { class: numeric.has(i) ? "num" : wrap.has(i) ? "text" : null }, c)))))));
 }
 
 // --------------------------------------------------------------------------- pages
@@ -234,12 +235,14 @@ async function pageFailures(run) {
   const data = await api("failures", { run });
   return [el("h2", {}, link(`#/run/${run}`, `run ${run}`), " · failures"),
     el("h3", {}, `calls that failed after their retries (${data.calls.length})`),
-    data.calls.length ? table(["stage", "input row", "status", "error", "at"], data.calls.map((f) =>
-      [f.stage, f.row ?? "", f.status ?? "", f.error, text(f.at).slice(0, 19)]), { id: "failed-calls" })
+    data.calls.length ? table(["stage", "made from", "status", "error", "at"], data.calls.map((f) =>
+      [f.stage, f.source ? link(`#/row/${run}/${enc(f.source)}/${enc(f.row)}`, `${f.source} ${f.row}`) : f.row ?? "",
+        f.status ?? "", f.error, text(f.at).slice(0, 19)]), { id: "failed-calls", wrap: [3] })
       : el("p", { class: "muted" }, "none"),
     el("h3", {}, `rows whose completion did not parse (${data.parse.length})`),
     data.parse.length ? table(["table", "row", "error", "completion"], data.parse.map((p) =>
-      [p.table, link(`#/row/${run}/${enc(p.table)}/${enc(p.id)}`, p.id), p.error, text(p.raw)]), { id: "parse-errors" })
+      [p.table, link(`#/row/${run}/${enc(p.table)}/${enc(p.id)}`, p.id), p.error, text(p.raw)]),
+    { id: "parse-errors", wrap: [2, 3] })
       : el("p", { class: "muted" }, "none")];
 }
 
