@@ -78,9 +78,10 @@ def run_tables(con: duckdb.DuckDBPyConnection, run_id: int) -> list[str]:
 
 
 def find_run(con: duckdb.DuckDBPyConnection, stage: str) -> int:
-    """The newest run that kept a table named `stage` (finished runs before a run still going)."""
+    """The newest run that kept a table named `stage`, runs that finished `ok` first."""
     kept = kept_runs(con)
-    rows = con.execute("SELECT run_id, status FROM runs ORDER BY (status = 'running'), run_id DESC").fetchall()
+    rows = con.execute("SELECT run_id, status FROM runs ORDER BY (status IS DISTINCT FROM 'ok'), run_id DESC"
+                       ).fetchall()
     for run_id, _ in rows:
         if run_id in kept and stage in run_tables(con, run_id):
             return int(run_id)

@@ -38,7 +38,17 @@ import duckdb
 
 from retort.cache import Cache
 from retort.errors import CacheError, NotFoundError, RetortError, UserError
-from retort.lineage import check_table, columns, kept_runs, lineage, quote, run_tables, source_table, stage_order
+from retort.lineage import (
+    check_table,
+    columns,
+    kept_runs,
+    lineage,
+    quote,
+    relation,
+    run_tables,
+    source_table,
+    stage_order,
+)
 
 STATIC = Path(__file__).parent / "viewer"
 RECORDS = ("failures", "metrics", "compare_items", "runs", "calls")  # tables of `main` the viewer may show
@@ -151,9 +161,10 @@ def api_run(con: duckdb.DuckDBPyConnection, params: dict[str, list[str]]) -> dic
     pipeline, spec, status, started, finished, argv, stats = rows[0]
     record = json.loads(stats) if isinstance(stats, str) else (stats or {})
     tables = []
-    if run in kept_runs(con):
-        for name in run_tables(con, run):
-            rel = check_table(con, run, name)
+    kept = run in kept_runs(con)
+    if kept:
+        for name in run_tables(con, run):  # names from the catalog
+            rel = relation(run, name)
             cols = columns(con, rel)
             errors = "count(_error)" if "_error" in cols else "0"
             count, bad = con.execute(f"SELECT count(*), {errors} FROM {rel}").fetchall()[0]
@@ -161,7 +172,7 @@ def api_run(con: duckdb.DuckDBPyConnection, params: dict[str, list[str]]) -> dic
     failures = con.execute("SELECT count(*) FROM failures WHERE run_id = ?", [run]).fetchall()[0][0]
     return {"run": run, "pipeline": pipeline, "spec": spec, "status": status, "started": started,
             "finished": finished, "argv": argv, "order": stage_order(con, run), "tables": tables,
-            "failures": failures, "kept": run in kept_runs(con),
+            "failures": failures, "kept": kept,
             "stages": [s for s in record.get("stages", []) if isinstance(s, dict)],
             "totals": {k: v for k, v in record.items() if not isinstance(v, (dict, list))}}
 
@@ -227,7 +238,7 @@ def api_failures(con: duckdb.DuckDBPyConnection, params: dict[str, list[str]]) -
     parse = []
     if kept:
         for name in run_tables(con, run):
-            rel = check_table(con, run, name)
+            rel = relation(run, name)
             if "_error" not in columns(con, rel):
                 continue
             for row_id, error, raw in con.execute(f"SELECT CAST(_id AS VARCHAR), _error, _raw FROM {rel} "
