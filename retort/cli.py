@@ -180,6 +180,8 @@ def _relation(cache: Any, stage: str, run: int | None) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    import duckdb
+
     if args.lineage:
         return _show_lineage(args)
     cache = _open_read(args)
@@ -187,13 +189,18 @@ def cmd_show(args: argparse.Namespace) -> int:
         rel = _relation(cache, args.stage, args.run)
         filters, params = ([f"({args.where})"] if args.where else []), []
         if args.row is not None:
+            if "_id" not in [d[0] for d in cache.con.execute(f"SELECT * FROM {rel} LIMIT 0").description]:
+                raise UserError(f"{rel} has no _id column: --row finds a stage table's row by its _id")
             filters.append("CAST(_id AS VARCHAR) = ?")
             params.append(args.row)
         where = f" WHERE {' AND '.join(filters)}" if filters else ""
-        cur = cache.con.execute(f"SELECT * FROM {rel}{where} LIMIT ?", [*params, max(0, args.limit)])
+        try:
+            cur = cache.con.execute(f"SELECT * FROM {rel}{where} LIMIT ?", [*params, max(0, args.limit)])
+            rows = cur.fetchall()
+        except duckdb.Error as exc:  # only --where can make a query fail here
+            raise UserError(f"--where {args.where!r}: {str(exc).splitlines()[0]}") from None
         columns = [d[0] for d in cur.description]
         json_columns = {d[0] for d in cur.description if str(d[1]).upper() == "JSON"}
-        rows = cur.fetchall()
         total = cache.con.execute(f"SELECT count(*) FROM {rel}{where}", params).fetchall()[0][0]
     finally:
         cache.con.close()

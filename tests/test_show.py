@@ -182,8 +182,10 @@ def test_lineage_reads_the_run_schemas(tmp_path: Path) -> None:
     (["nothing", "--row", "1", "--lineage"], "no kept run has a table 'nothing'"),
     (["classify", "--row", "1", "--lineage", "--run", "7"], "run 7 has no tables"),
     (["classify", "--row", "99.0"], "has no row with _id '99.0'"),
+    (["calls", "--row", "1"], "has no _id column"),
+    (["classify", "--where", "nonsense ==="], "--where 'nonsense ===': Parser Error"),
 ])
-def test_lineage_errors_are_one_line(ws: Path, args: list[str], message: str) -> None:
+def test_errors_are_one_line(ws: Path, args: list[str], message: str) -> None:
     proc = show(ws, *args)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
