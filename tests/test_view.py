@@ -493,6 +493,21 @@ def test_a_held_file_is_one_clear_line(viewer: Viewer, ws: Path) -> None:
     assert viewer.get("/api/runs")[0] == 200  # and the viewer reads again once it is free
 
 
+@needs_chromium
+def test_the_page_says_when_the_file_is_held(viewer: Viewer, ws: Path, browser: Browser) -> None:
+    holder = duckdb.connect(str(ws / ".retort" / "retort.duckdb"))
+    try:
+        browser.open(viewer.url)
+        assert browser.evaluate("document.querySelector('#banner').hidden") is False
+        assert "is in use by another process" in browser.evaluate("document.querySelector('#banner').innerText")
+        browser.screenshot("view_held")
+    finally:
+        holder.close()
+    browser.open(f"{viewer.url}#/run/1")  # free again: the next view reads, and the line is gone
+    assert browser.evaluate("document.querySelector('#banner').hidden") is True
+    assert browser.evaluate("document.querySelectorAll('#tables tbody tr').length") == 4
+
+
 def test_no_store_is_one_clear_line(tmp_path: Path) -> None:
     proc = run_cli("view", "--port", "0", cwd=tmp_path, timeout=TIMEOUT)
     assert proc.returncode == CacheError.exit_code and proc.stderr.startswith("error: no retort database at ")
