@@ -1,4 +1,4 @@
-"""The command line: `retort run|validate|plan|list|show|export|cache|schema|init`.
+"""The command line: `retort run|validate|plan|list|show|view|export|cache|schema|init`.
 
 Errors become one line and an exit code here, and only here; `--debug` shows
 the traceback.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from retort import __version__
-from retort.errors import RetortError, UserError
+from retort.errors import NotFoundError, RetortError, UserError
 
 EXIT_FAILURES = 1
 EXIT_WARNINGS = 5  # --strict (or `strict: true`): the run finished and is recorded, but its summary warned
@@ -235,39 +235,192 @@ def _relation(cache: Any, stage: str, run: int | None) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from rich.table import Table
 
     from retort.export import select
 
+    if args.lineage:
+        return _show_lineage(args)
     cache = _open_read(args)
     try:
         rel = _relation(cache, args.stage, args.run)
-        query = select(cache.con, rel, args.where)  # --where: one read-only filter, checked
-        cur = cache.con.execute(f"{query} LIMIT {int(args.limit)}")
-        columns = [d[0] for d in cur.description]
+        query, params = select(cache.con, rel, args.where), []  # --where: one read-only filter, checked
+        if args.row is not None:
+            if "_id" not in [d[0] for d in cache.con.execute(f"SELECT * FROM {rel} LIMIT 0").description]:
+                raise UserError(f"{rel} has no _id column: --row finds a stage table's row by its _id")
+            query = f"SELECT * FROM ({query}) WHERE CAST(_id AS VARCHAR) = ?"
+            params.append(args.row)
+        cur = cache.con.execute(f"{query} LIMIT ?", [*params, max(0, args.limit)])
         rows = cur.fetchall()
-        total = cache.con.execute(f"SELECT count(*) FROM ({query})").fetchall()[0][0]
+        columns = [d[0] for d in cur.description]
+        json_columns = {d[0] for d in cur.description if str(d[1]).upper() == "JSON"}
+        total = cache.con.execute(f"SELECT count(*) FROM ({query})", params).fetchall()[0][0]
     finally:
         cache.con.close()
-    if not args.all_columns:
-        keep = [i for i, c in enumerate(columns) if c not in ("_call", "request")]
-        columns = [columns[i] for i in keep]
-        rows = [tuple(r[i] for i in keep) for r in rows]
-    if args.columns:
-        wanted = [c.strip() for c in args.columns.split(",")]
+    if args.row is not None and not rows:
+        raise NotFoundError(f"{rel} has no row with _id {args.row!r}")
+    if args.columns:  # chosen by name among all columns, hidden ones included
+        wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
         missing = [c for c in wanted if c not in columns]
         if missing:
             raise UserError(f"{rel} has no column {missing[0]!r} (columns: {', '.join(columns)})")
         keep = [columns.index(c) for c in wanted]
-        columns = wanted
-        rows = [tuple(r[i] for i in keep) for r in rows]
-    table = Table(title=f"{rel} ({total} rows)", title_justify="left", show_lines=False)
-    for c in columns:
-        table.add_column(c, overflow="ellipsis", no_wrap=True, max_width=args.width)
-    for r in rows:
-        table.add_row(*("" if v is None else _cell(v, args.width) for v in r))
-    _console().print(table)
+    elif args.all_columns or args.vertical or args.json:
+        keep = list(range(len(columns)))
+    else:  # the call key and the request JSON are long and rarely read in a table
+        keep = [i for i, c in enumerate(columns) if c not in ("_call", "request")]
+    columns = [columns[i] for i in keep]
+    rows = [tuple(r[i] for i in keep) for r in rows]
+    if args.json:
+        for r in rows:
+            record = {c: (_json_value(v) if c in json_columns else v) for c, v in zip(columns, r, strict=True)}
+            _write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+    elif args.vertical:
+        _print_vertical(columns, rows, f"{rel}: {len(rows)} of {total} rows")
+    else:
+        _print_table(f"{rel} ({total} rows)", columns, rows, args.width)
     return 0
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON column as the value it holds (DuckDB hands it over as text)."""
+    try:
+        return json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def _text(value: Any) -> str:
+    """A whole value as text: strings as they are, other values as JSON, NULL as NULL."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, default=str, ensure_ascii=False)
+    return str(value)
+
+
+def _print_vertical(columns: list[str], rows: list[tuple[Any, ...]], title: str) -> None:
+    """One field per line, whole values; the lines of a long text continue under the bar, as psql's \\x."""
+    pad = max((len(c) for c in columns), default=0)
+    out = [title]
+    for n, r in enumerate(rows, 1):
+        out.append(f"-[ row {n} ]" + "-" * max(3, pad - 6))
+        for c, v in zip(columns, r, strict=True):
+            lines = _text(v).split("\n")
+            out.append(f"{c.ljust(pad)} | {lines[0]}")
+            out.extend(f"{'':{pad}} | {line}" for line in lines[1:])
+    _write("\n".join(out) + "\n")
+
+
+def _write(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `retort show ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _fit(columns: list[str], cells: list[list[str]], width: int, room: int) -> list[int]:
+    """Column widths that fit `room` characters: never narrower than a header (or 6), the widest shrunk
+    first; a column that still does not fit gets width 0 (left out, and named under the table)."""
+    natural = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    widths = [min(n, max(width, len(c))) for n, c in zip(natural, columns, strict=True)]
+    floors = [min(w, max(len(c), 6)) for w, c in zip(widths, columns, strict=True)]
+
+    def total(ws: list[int]) -> int:  # rich's box: a bar and a space either side of each cell
+        return sum(w + 3 for w in ws if w) + 1
+
+    while total(widths) > room:
+        i = max(range(len(widths)), key=lambda k: widths[k] - floors[k])
+        if widths[i] <= floors[i]:
+            break
+        widths[i] -= 1
+    for i in reversed(range(len(widths))):
+        if total(widths) <= room or i == 0:
+            break
+        widths[i] = 0
+    return widths
+
+
+def _print_table(title: str, columns: list[str], rows: list[tuple[Any, ...]], width: int) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    console = _console()
+    cells = [[_cell(v, width) for v in r] for r in rows]
+    widths = _fit(columns, cells, width, console.width)
+    shown = [i for i, w in enumerate(widths) if w]
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for i in shown:
+        table.add_column(columns[i], width=widths[i], no_wrap=True, overflow="ellipsis")
+    for r in cells:
+        table.add_row(*(Text(r[i]) for i in shown))  # Text: a completion's [brackets] are not markup
+    console.print(table)
+    hidden = [c for c, w in zip(columns, widths, strict=True) if not w]
+    if hidden:
+        console.print(Text(f"{len(hidden)} more column(s) did not fit: {', '.join(hidden)}; "
+                           "pick with --columns, or read every field with --vertical"))
+
+
+def _show_lineage(args: argparse.Namespace) -> int:
+    from retort.lineage import find_run, lineage
+
+    if args.row is None:
+        raise UserError("--lineage needs --row ID (a row's _id; `retort show STAGE` lists them)")
+    cache = _open_read(args)
+    try:
+        run = args.run if args.run is not None else find_run(cache.con, args.stage)
+        found = lineage(cache.con, run, args.stage, args.row)
+    finally:
+        cache.con.close()
+    if args.json:
+        _write(json.dumps(found.to_dict(), default=str, ensure_ascii=False) + "\n")
+    else:
+        _write(_lineage_text(found))
+    return 0
+
+
+def _lineage_text(found: Any) -> str:
+    """The path as text: for each step its new fields, and for a model's row the prompt and completion."""
+    from retort.lineage import LINEAGE_COLUMNS
+
+    out = [f"lineage of {found.stage} row {found.row_id} (run {found.run_id}): "
+           f"{' -> '.join(s.stage for s in found.steps)}"]
+    if found.duplicates:
+        out.append(f"note: {found.duplicates} more row(s) of {found.stage} have _id {found.row_id}; this is the first")
+    before: dict[str, Any] = {}
+    for step in found.steps:
+        head = f"== {step.stage} · row {step.row_id} "
+        out += ["", head + "=" * max(3, 72 - len(head))]
+        if step.passes:
+            out.append(f"(the row of {step.passes}, passed through: its prompt and completion are above)")
+        if step.note:
+            out.append(f"({step.note})")
+        fields = {k: v for k, v in step.row.items()
+                  if k not in LINEAGE_COLUMNS and (k not in before or before[k] != v)}
+        for k, v in fields.items():
+            out.append(_field(k, v))
+        if step.call is not None:
+            call = step.call
+            tokens = f"{call.prompt_tokens or 0} + {call.completion_tokens or 0} tokens"
+            out.append(f"-- prompt ({call.model}, call {call.key[:12]}, {tokens}, made by stage {call.stage})")
+            for m in call.messages:
+                out.append(f"[{m.get('role', '?')}]")
+                out.append(_text(m.get("content")))
+            out.append("-- completion" + (f" (finish: {call.finish_reason})" if call.finish_reason else ""))
+            out.append(_text(call.text))
+        elif step.row.get("_call") and not step.passes:
+            out.append(f"-- call {step.row['_call']} is not in the cache")
+        if step.error:
+            out.append(f"-- error: {step.error}")
+        before = step.row
+    if found.children:
+        out += ["", "made from it: " + ", ".join(f"{s} {i}" for s, i in found.children)]
+    return "\n".join(out) + "\n"
+
+
+def _field(name: str, value: Any) -> str:
+    text = _text(value)
+    return f"{name}: {text}" if "\n" not in text else f"{name}:\n  " + text.replace("\n", "\n  ")
 
 
 def _console() -> Any:
@@ -280,9 +433,17 @@ def _console() -> Any:
 
 
 def _cell(value: Any, width: int) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    text = text.replace("\n", " ")
-    return text if len(text) <= width * 2 else text[: width * 2 - 1] + "…"
+    if value is None:
+        return ""
+    text = " ".join(_text(value).split("\n"))
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from retort.view import serve
+
+    ws = _workspace(args)
+    return serve(_db_path(args), ws.root / "reports", port=args.port)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -407,10 +568,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=int, help="an earlier run's table")
     p.add_argument("-n", "--limit", type=int, default=10)
     p.add_argument("--where", help="a SQL filter")
-    p.add_argument("--width", type=int, default=40, help="characters shown per cell")
-    p.add_argument("--columns", help="comma-separated columns to show")
-    p.add_argument("--all-columns", action="store_true")
+    p.add_argument("--row", metavar="ID", help="only the row with this _id")
+    p.add_argument("--lineage", action="store_true",
+                   help="with --row: the input row and, for each stage on its path, its prompt and completion")
+    p.add_argument("--width", type=int, default=40, help="characters shown per cell in the table")
+    p.add_argument("--columns", help="comma-separated columns to show, by name (hidden ones too)")
+    p.add_argument("--all-columns", action="store_true", help="also the call key and the request JSON")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--vertical", action="store_true", help="one field per line, whole texts")
+    form.add_argument("--json", action="store_true", help="one JSON object per line (with --lineage: one object)")
     p.set_defaults(func=cmd_show)
+    p = sub.add_parser("view", help="browse runs, stage tables, lineage, failures and reports in a web browser")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0: any free port)")
+    p.set_defaults(func=cmd_view)
     p = sub.add_parser("export", help="write a stage table as a dataset file, with a manifest")
     p.add_argument("stage")
     p.add_argument("--format", default="jsonl", choices=list(FORMATS),

@@ -317,7 +317,8 @@ def picky(request):
         raise RuntimeError("no")
     return "fine"
 ''')
-    (tmp_path / "pipelines" / "p.yaml").write_text(DUPES.replace('"funcs:slow"', '"funcs:picky", name: picky'))
+    picky = DUPES.replace('"funcs:slow"', '"funcs:picky"').replace('template: "{{ text }}"', 'template: "{{ text }}!"')
+    (tmp_path / "pipelines" / "p.yaml").write_text(picky)
     out = run_cli("run", "p", "-q", "--retries", "0", cwd=tmp_path)
     assert out.returncode == 1 and "kept as failed" in out.stderr
     assert sql(tmp_path, "SELECT run_id, status FROM runs ORDER BY 1") == [(1, "ok"), (2, "failed")]
