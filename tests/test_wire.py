@@ -726,3 +726,22 @@ def test_a_socks_proxy_is_refused_by_name_not_ignored(monkeypatch: pytest.Monkey
     assert "secret" not in str(caught.value)
     monkeypatch.setenv("NO_PROXY", "api.example.com")
     assert Pool("https://api.example.com/v1").proxy is None
+
+
+def test_garbage_after_a_whole_response_retires_the_connection() -> None:
+    per_connection = serve(counting(lambda line, body: ok(b"{}") + b"garbage\r\n"), lambda pool: _times(pool, 2))
+    assert len(per_connection) == 2
+
+
+def test_an_announced_length_past_the_cap_fails_before_the_body_arrives() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\nthe first bytes of a gigabyte")
+        await writer.drain()
+        await reader.read()  # and nothing more: without the check on the header, the client would time out
+
+    async def check(pool: Pool) -> None:
+        with pytest.raises(ResponseTooLarge, match="larger than 64 MiB"):
+            await pool.request("GET", "/", timeout=5)
+
+    serve(handler, check)
