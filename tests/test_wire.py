@@ -745,3 +745,16 @@ def test_an_announced_length_past_the_cap_fails_before_the_body_arrives() -> Non
             await pool.request("GET", "/", timeout=5)
 
     serve(handler, check)
+
+
+def test_the_openai_backend_by_default_goes_through_all_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def check(proxy: Proxy, port: int) -> None:
+        backend = OpenAIBackend("m", f"http://127.0.0.1:{port}/v1")
+        try:
+            assert backend.transport == "fast"
+            await backend.check()
+        finally:
+            await backend.aclose()
+        assert proxy.seen == [(f"GET http://127.0.0.1:{port}/v1/models HTTP/1.1", None, 0)]
+
+    through_proxy(monkeypatch, {"ALL_PROXY": "http://127.0.0.1:{proxy}"}, check)

@@ -9,12 +9,12 @@ Three transports speak the same wire format and build Completions with the same 
 - "fast": retort's own keep-alive HTTP/1.1 client (`retort.backends.wire`, docs/http.md),
   orjson both ways. About half the CPU per request of a bare aiohttp loop, so one client
   keeps up with a local vLLM server; http:// proxies from the environment, ALL_PROXY too.
-- "aiohttp": one shared aiohttp session; honours HTTP(S)_PROXY.
+- "aiohttp": one shared aiohttp session; honours HTTP(S)_PROXY (not ALL_PROXY).
 - "sdk": the `openai` SDK (`with_raw_response`, so the body is decoded by our code
   too). The reference path, for when the SDK's own HTTP stack is wanted. Its
   per-request overhead caps one client at a few hundred requests/s here.
 
-"auto" (the default) is "fast", or "aiohttp" when a proxy is configured for the host.
+"auto" (the default) is "fast": it honours the same proxy variables (docs/http.md).
 
 Neither retries (the SDK runs with max_retries=0): the runner owns retries, and a
 backend only classifies a failure as retryable or not.
@@ -32,12 +32,10 @@ import hashlib
 import inspect
 import os
 import time
-import urllib.request
 from collections.abc import Coroutine, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -117,14 +115,6 @@ def _proxy_configured() -> bool:
                                                   "ALL_PROXY", "all_proxy"))
 
 
-def _proxied(url: str) -> bool:
-    """Whether the environment routes `url` through a proxy (HTTP(S)_PROXY, minus NO_PROXY)."""
-    if not _proxy_configured():
-        return False
-    parts = urlsplit(url)
-    return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
-
-
 @functools.cache
 def _sdk_named_params() -> frozenset[str]:
     """Parameters `chat.completions.create` takes by name; anything else goes through `extra_body`."""
@@ -161,9 +151,7 @@ class OpenAIBackend:
         self.timeout = timeout
         self.extra_body = dict(extra_body or {})
         self.max_response_mb = max_response_mb  # the fast transport's cap on a response body
-        if transport == "auto":
-            transport = "aiohttp" if any(_proxied(u) for u in self.base_urls) else "fast"
-        self.transport: Literal["fast", "aiohttp", "sdk"] = transport
+        self.transport: Literal["fast", "aiohttp", "sdk"] = "fast" if transport == "auto" else transport
         self.served_models: list[str] | None = None  # filled by check() when the server lists them
 
         key = None
