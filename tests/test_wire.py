@@ -758,3 +758,12 @@ def test_the_openai_backend_by_default_goes_through_all_proxy(monkeypatch: pytes
         assert proxy.seen == [(f"GET http://127.0.0.1:{port}/v1/models HTTP/1.1", None, 0)]
 
     through_proxy(monkeypatch, {"ALL_PROXY": "http://127.0.0.1:{proxy}"}, check)
+
+
+def test_a_switch_of_protocols_is_a_protocol_error() -> None:
+    async def check(pool: Pool) -> None:
+        with pytest.raises(ProtocolError, match="malformed HTTP response"):
+            await pool.request("GET", "/", timeout=5)
+
+    serve(counting(lambda line, body: b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+                                      b"Upgrade: websocket\r\n\r\n"), check)

@@ -47,7 +47,7 @@ MAX_HEAD = 64 * 1024  # bytes of status line and headers before the response is 
 MAX_RESPONSE = 64 * 1024 * 1024  # default cap on a response body, in bytes (after decoding)
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_SAFE = frozenset({"GET", "HEAD"})  # what a 301/302/303 may repeat; anything else would lose its body or meaning
+_SAFE = frozenset({"GET"})  # what a 301/302/303 may repeat; a POST would have to become a GET and lose its body
 
 Response = tuple[int, dict[str, str], bytes]
 
@@ -105,7 +105,7 @@ class _Connection(asyncio.Protocol):
         self.received = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as e:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:  # an upgrade (101) is not ours
             if not self.complete:
                 where = "body" if self.status else "status line or headers"
                 self._fail(self.failure or ProtocolError(f"malformed HTTP response ({where}): {e}"))
@@ -352,9 +352,12 @@ class Pool:
         if other is None:
             # Another origin: the key does not travel with us (requests and httpx drop it too).
             headers = {k: v for k, v in self._headers.items() if k.lower() != "authorization"}
-            other = self._others[origin] = Pool(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}",
-                                                headers=headers, limit=self.limit, ssl_context=self._ssl_given,
-                                                max_response=self.max_response, max_redirects=0)
+            try:
+                other = Pool(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}", headers=headers, limit=self.limit,
+                             ssl_context=self._ssl_given, max_response=self.max_response, max_redirects=0)
+            except ValueError as e:  # a proxy it cannot use for that origin
+                raise ProtocolError(f"redirected to {parts.scheme}://{parts.netloc}: {e}") from None
+            self._others[origin] = other
         return other, new_target
 
     async def _exchange(self, loop: asyncio.AbstractEventLoop, conn: _Connection, data: bytes,
