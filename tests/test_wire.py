@@ -767,3 +767,18 @@ def test_a_switch_of_protocols_is_a_protocol_error() -> None:
 
     serve(counting(lambda line, body: b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
                                       b"Upgrade: websocket\r\n\r\n"), check)
+
+
+def test_a_body_read_to_the_close_is_not_taken_whole_when_the_close_is_a_reset() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n{\"choices\": [")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # let the bytes leave before the reset, which would discard them
+        close_now(writer, "reset")
+
+    async def check(pool: Pool) -> None:
+        with pytest.raises(ProtocolError, match="before the response was complete"):
+            await pool.request("GET", "/", timeout=5)
+
+    serve(handler, check)

@@ -128,9 +128,9 @@ class _Connection(asyncio.Protocol):
         if self.waiter is None or self.waiter.done():
             return
         headers = self.headers
-        if self.status and "content-length" not in headers \
+        if exc is None and self.status and "content-length" not in headers \
                 and "chunked" not in headers.get("transfer-encoding", "").lower():
-            self.keep_alive = False  # framed by the close itself: this is its end
+            self.keep_alive = False  # framed by a clean close (not a reset): this is its end
             self._finish()
             return
         reason = f": {exc}" if exc else ""
