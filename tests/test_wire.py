@@ -19,9 +19,10 @@ from urllib.parse import urlsplit
 import pytest
 
 from retort.backends.base import Request
-from retort.backends.openai import OpenAIBackend
+from retort.backends.openai import OpenAIBackend, from_config
 from retort.backends.wire import MAX_REDIRECTS, Pool, ProtocolError, ResponseTooLarge
 from retort.errors import BackendError
+from retort.spec import ModelSpec
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
                    "NO_PROXY", "no_proxy")
@@ -560,6 +561,9 @@ def test_a_response_past_the_cap_fails_and_its_connection_is_discarded(framing: 
 
 
 def test_the_cap_is_set_per_model_and_its_error_says_how_to_raise_it() -> None:
+    entry = ModelSpec(backend="openai", model="m", max_response_mb=0.5).model_dump()
+    assert from_config(entry).max_response_mb == 0.5  # a model entry in YAML takes it
+
     async def main() -> None:
         server, port = await listen(counting(lambda line, body: ok(b'{"choices": []}' + b" " * 2 ** 20)))
         backend = OpenAIBackend("m", f"http://127.0.0.1:{port}/v1", max_response_mb=1, transport="fast")

@@ -282,7 +282,8 @@ class Pool:
 
         Raises TimeoutError past `timeout` seconds (connecting and redirects included), OSError
         (ConnectionError, ssl.SSLError, ProtocolError, ResponseTooLarge, …) when the exchange fails.
-        Past `max_redirects` hops the last redirect response itself is returned.
+        Past `max_redirects` hops the last redirect response itself is returned. A gzip or deflate
+        body comes back decoded; the headers are the ones received (Content-Encoding included).
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
