@@ -38,7 +38,8 @@ class ModelSpec(_Strict):
     timeout: float | None = Field(None, gt=0)
     extra_body: dict[str, Any] | None = None
     transport: Literal["auto", "fast", "aiohttp", "sdk"] | None = Field(
-        None, description="openai's HTTP client: fast (retort's), aiohttp, sdk; auto: fast, or aiohttp via a proxy")
+        None, description="openai's HTTP client: fast (retort's; auto), aiohttp, sdk")
+    max_response_mb: float | None = Field(None, gt=0, description="openai, fast transport: cap on a response body")
     structured_output: Literal["json_schema", "json_object"] | None = Field(
         None, description="how the server takes a JSON schema: OpenAI/vLLM json_schema, llama.cpp json_object")
     model_path: str | None = None

@@ -105,16 +105,15 @@ def test_every_transport_returns_identical_completions(stub: Stub, n: int) -> No
         assert got == expected, transport
 
 
-def test_auto_transport_is_aiohttp_only_when_a_proxy_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_transport_is_fast_with_a_proxy_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # retort's client honours HTTP(S)_PROXY, ALL_PROXY and NO_PROXY itself (tests/test_wire.py).
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
                  "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     assert OpenAIBackend("m", "https://api.example.com/v1").transport == "fast"
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    assert OpenAIBackend("m", "https://api.example.com/v1").transport == "aiohttp"
-    assert OpenAIBackend("m", "http://127.0.0.1:8000/v1").transport == "fast"  # bypassed, and http anyway
-    assert OpenAIBackend("m", "https://api.example.com/v1", transport="fast").transport == "fast"
+    assert OpenAIBackend("m", "https://api.example.com/v1").transport == "fast"
+    assert OpenAIBackend("m", "https://api.example.com/v1", transport="aiohttp").transport == "aiohttp"
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -6,15 +6,15 @@
 
 Three transports speak the same wire format and build Completions with the same code:
 
-- "fast": retort's own keep-alive HTTP/1.1 client (`retort.backends.wire`), orjson
-  both ways. About half the CPU per request of a bare aiohttp loop, so one client
-  keeps up with a local vLLM server; no proxy support.
-- "aiohttp": one shared aiohttp session; honours HTTP(S)_PROXY.
+- "fast": retort's own keep-alive HTTP/1.1 client (`retort.backends.wire`, docs/http.md),
+  orjson both ways. About half the CPU per request of a bare aiohttp loop, so one client
+  keeps up with a local vLLM server; http:// proxies from the environment, ALL_PROXY too.
+- "aiohttp": one shared aiohttp session; honours HTTP(S)_PROXY (not ALL_PROXY).
 - "sdk": the `openai` SDK (`with_raw_response`, so the body is decoded by our code
   too). The reference path, for when the SDK's own HTTP stack is wanted. Its
   per-request overhead caps one client at a few hundred requests/s here.
 
-"auto" (the default) is "fast", or "aiohttp" when a proxy is configured for the host.
+"auto" (the default) is "fast": it honours the same proxy variables (docs/http.md).
 
 Neither retries (the SDK runs with max_retries=0): the runner owns retries, and a
 backend only classifies a failure as retryable or not.
@@ -32,18 +32,16 @@ import hashlib
 import inspect
 import os
 import time
-import urllib.request
 from collections.abc import Coroutine, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
 from retort.backends.base import Completion, Request, backend_options
-from retort.backends.wire import Pool
+from retort.backends.wire import Pool, ResponseTooLarge
 from retort.errors import BackendError, EndpointUnreachable, SpecError, UserError
 
 if TYPE_CHECKING:
@@ -55,7 +53,7 @@ CHECK_TIMEOUT = 3.0  # seconds; preflight should fail fast, not hang on a black-
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 _CONFIG_KEYS = frozenset({"model", "base_url", "api_key_env", "max_concurrency", "timeout", "extra_body",
-                          "identity", "transport", "structured_output"})
+                          "identity", "transport", "structured_output", "max_response_mb"})
 
 
 def retryable_status(status: int) -> bool:
@@ -117,14 +115,6 @@ def _proxy_configured() -> bool:
                                                   "ALL_PROXY", "all_proxy"))
 
 
-def _proxied(url: str) -> bool:
-    """Whether the environment routes `url` through a proxy (HTTP(S)_PROXY, minus NO_PROXY)."""
-    if not _proxy_configured():
-        return False
-    parts = urlsplit(url)
-    return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
-
-
 @functools.cache
 def _sdk_named_params() -> frozenset[str]:
     """Parameters `chat.completions.create` takes by name; anything else goes through `extra_body`."""
@@ -140,7 +130,8 @@ class OpenAIBackend:
     def __init__(self, model: str, base_url: str | list[str] = DEFAULT_BASE_URL, *,
                  api_key_env: str | None = None, max_concurrency: int = 64, timeout: float = 60,
                  extra_body: dict[str, Any] | None = None, identity: str | None = None,
-                 transport: Transport = "auto", structured_output: str = "json_schema") -> None:
+                 transport: Transport = "auto", structured_output: str = "json_schema",
+                 max_response_mb: float = 64) -> None:
         if transport not in ("auto", "fast", "aiohttp", "sdk"):
             raise ValueError(f"transport must be 'auto', 'fast', 'aiohttp' or 'sdk', not {transport!r}")
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
@@ -159,9 +150,8 @@ class OpenAIBackend:
         self.max_concurrency = max_concurrency
         self.timeout = timeout
         self.extra_body = dict(extra_body or {})
-        if transport == "auto":
-            transport = "aiohttp" if any(_proxied(u) for u in self.base_urls) else "fast"
-        self.transport: Literal["fast", "aiohttp", "sdk"] = transport
+        self.max_response_mb = max_response_mb  # the fast transport's cap on a response body
+        self.transport: Literal["fast", "aiohttp", "sdk"] = "fast" if transport == "auto" else transport
         self.served_models: list[str] | None = None  # filled by check() when the server lists them
 
         key = None
@@ -277,9 +267,9 @@ class OpenAIBackend:
     async def _list_wire(self, url: str) -> bytes:
         """GET {url}/models over our own client (what the calls will use): b"" unless it answers 200."""
         try:
-            pool = Pool(url, headers=self._headers, limit=1)
-        except ValueError as e:
-            raise self._unreachable(url, f"invalid URL: {e}") from None
+            pool = Pool(url, headers=self._headers, limit=1, max_response=int(self.max_response_mb * 2 ** 20))
+        except ValueError as e:  # not an http(s) URL, or a proxy it cannot use
+            raise self._unreachable(url, str(e)) from None
         try:
             status, _, content = await pool.request("GET", "/models", timeout=CHECK_TIMEOUT)
         except TimeoutError:
@@ -376,14 +366,18 @@ class OpenAIBackend:
     async def _post_wire(self, turn: int, body: dict[str, Any], path: str = "/chat/completions") -> bytes:
         if self._pools is None:
             try:
-                self._pools = [Pool(url, headers=self._headers, limit=self.max_concurrency) for url in self.base_urls]
-            except ValueError as e:
-                raise self._error(f"invalid URL: {e}") from e
+                self._pools = [Pool(url, headers=self._headers, limit=self.max_concurrency,
+                                    max_response=int(self.max_response_mb * 2 ** 20)) for url in self.base_urls]
+            except ValueError as e:  # not an http(s) URL, or a proxy it cannot use
+                raise self._error(str(e)) from e
         try:
             status, headers, content = await self._pools[turn].request("POST", path, orjson.dumps(body),
                                                                        timeout=self.timeout)
         except TimeoutError:
             raise self._error(f"no response within {self.timeout:g}s", retryable=True) from None
+        except ResponseTooLarge:  # the same request would get the same answer: not retryable
+            raise self._error(f"response from {self.base_urls[turn]} is larger than {self.max_response_mb:g} MiB; "
+                              f"raise `max_response_mb` on the model to accept it") from None
         except OSError as e:  # refused, reset, dropped mid-body, TLS: the next attempt may succeed
             raise self._error(f"connection to {self.base_urls[turn]} failed: {type(e).__name__}: {e}",
                               retryable=True) from e
