@@ -96,23 +96,26 @@ class Result:
 
 
 def run(pipeline: str | Path, *, input: Input | None = None, models: Mapping[str, str] | None = None,
-        limit: int | None = None, set: Mapping[str, Any] | None = None, map: Mapping[str, str] | None = None,
+        limit: int | None = None, sample: int | None = None, seed: int = 0, set: Mapping[str, Any] | None = None,
+        map: Mapping[str, str] | None = None,
         until: str | None = None, workspace: str | Path = ".", db: str | Path | None = None, reuse: bool = True,
         max_failures: int = 0, retries: int = 5, progress: bool = False) -> Result:
     """Run a pipeline (a name in the workspace or the built-in library, or a YAML path) and
     return its result. `until` stops after that stage (what follows it does not run)."""
-    return _blocking(arun(pipeline, input=input, models=models, limit=limit, set=set, map=map, until=until,
+    return _blocking(arun(pipeline, input=input, models=models, limit=limit, sample=sample, seed=seed, set=set,
+                          map=map, until=until,
                           workspace=workspace, db=db, reuse=reuse, max_failures=max_failures, retries=retries,
                           progress=progress))
 
 
 async def arun(pipeline: str | Path, *, input: Input | None = None, models: Mapping[str, str] | None = None,
-               limit: int | None = None, set: Mapping[str, Any] | None = None, map: Mapping[str, str] | None = None,
+               limit: int | None = None, sample: int | None = None, seed: int = 0,
+               set: Mapping[str, Any] | None = None, map: Mapping[str, str] | None = None,
                until: str | None = None, workspace: str | Path = ".", db: str | Path | None = None,
                reuse: bool = True, max_failures: int = 0, retries: int = 5, progress: bool = False) -> Result:
     """`run`, awaited on the caller's event loop."""
     return await _execute("run", pipeline, input, models, limit, set, map, until, workspace, db, reuse,
-                          max_failures, retries, progress)
+                          max_failures, retries, progress, sample, seed)
 
 
 def plan(pipeline: str | Path, *, input: Input | None = None, models: Mapping[str, str] | None = None,
@@ -150,15 +153,17 @@ def compare(spec: str | Path, *, models: Mapping[str, str] | None = None, limit:
 async def _execute(mode: str, pipeline: str | Path, input: Input | None, models: Mapping[str, str] | None,
                    limit: int | None, overrides: Mapping[str, Any] | None, columns: Mapping[str, str] | None,
                    until: str | None, workspace: str | Path, db: str | Path | None, reuse: bool,
-                   max_failures: int, retries: int, progress: bool) -> Result:
+                   max_failures: int, retries: int, progress: bool, sample: int | None = None,
+                   seed: int = 0) -> Result:
     from retort import backends
     from retort.cache import Cache
     from retort.runner import Progress, Runner
     from retort.spec import load_pipeline
     from retort.workspace import Workspace
 
-    if limit is not None and limit < 1:
-        raise UserError(f"limit must be a positive number of rows, not {limit}")
+    for name, value in (("limit", limit), ("sample", sample)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be a positive number of rows, not {value}")
     ws = Workspace(workspace)
     spec, src = load_pipeline(ws.pipeline(str(pipeline)),
                               [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()])
@@ -177,7 +182,7 @@ async def _execute(mode: str, pipeline: str | Path, input: Input | None, models:
         shown = RichProgress(enabled=True)
     try:
         runner = Runner(ws, spec, src, cache, mode=mode, input_path=path, input_data=data,
-                        columns=dict(columns or {}), limit=limit, model_targets=targets,
+                        columns=dict(columns or {}), limit=limit, sample=sample, seed=seed, model_targets=targets,
                         progress=shown or Progress(), max_retries=retries, reuse=reuse, max_failures=max_failures,
                         argv=f"python: retort.{mode}({str(pipeline)!r})")
         if shown is not None:

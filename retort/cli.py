@@ -51,9 +51,9 @@ def _runner(args: argparse.Namespace, mode: str, cache: Any, progress: Any = Non
     pipeline, source = load_pipeline(ws.pipeline(args.pipeline), args.set or [])
     targets = {name: backends.parse_target(t) for name, t in _kv(args.model, "--model").items()}
     return Runner(ws, pipeline, source, cache, mode=mode, input_path=args.input, columns=_kv(args.map, "--map"),
-                  limit=args.limit, model_targets=targets, progress=progress, max_retries=args.retries,
-                  argv=shlex.join(sys.argv[1:]), reuse=not getattr(args, "no_reuse", False),
-                  max_failures=getattr(args, "max_failures", 0))
+                  limit=args.limit, sample=args.sample, seed=args.seed, model_targets=targets, progress=progress,
+                  max_retries=args.retries, argv=shlex.join(sys.argv[1:]),
+                  reuse=not getattr(args, "no_reuse", False), max_failures=getattr(args, "max_failures", 0))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -518,17 +518,31 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive(text: str) -> int:
+    """A row count: a whole number of at least 1 (0 and negatives are mistakes, not "all")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, not {value}")
+    return value
+
+
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", help="a pipeline name (pipelines/NAME.yaml) or a path to a YAML file")
     p.add_argument("--input", metavar="FILE", help="run on another dataset (JSONL, CSV, Parquet, JSON list)")
     p.add_argument("--map", action="append", metavar="COLUMN=EXPR",
                    help="map a dataset column (or a DuckDB expression over its columns) to a pipeline column")
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N input rows")
+    p.add_argument("--limit", type=positive, metavar="N", help="only the first N input rows")
+    p.add_argument("--sample", type=positive, metavar="N", help="a random subset of N input rows (seeded, see --seed)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="the seed of --sample (default 0)")
     p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
                    help="override any spec value, e.g. stages.classify.samples=4")
     p.add_argument("--model", action="append", metavar="NAME=TARGET",
                    help="point a named model at another backend: local, http://host:port/v1[#model], "
-                        "openai:MODEL, vllm:MODEL, scripted:module:function; NAME '*' means every model")
+                        "openai:MODEL, vllm:MODEL, scripted:module:function, langchain:module:attr; "
+                        "NAME '*' means every model")
     p.add_argument("--retries", type=int, default=5, help="retries of a retryable call failure (default 5)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -603,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     from retort import comparison as compare
 
     compare.add_parser(sub)
+    for command in sub.choices.values():  # `retort show X --db F` as well as `retort --db F show X`
+        command.add_argument("-C", "--workspace", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p = sub.add_parser("init", help="a new workspace with one working example")
     p.add_argument("dir")
     p.set_defaults(func=cmd_init)
@@ -621,6 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: completed calls are cached; run again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `retort schema | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         if args.debug or os.environ.get("RETORT_DEBUG"):
             raise

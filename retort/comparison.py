@@ -871,7 +871,10 @@ def add_parser(sub: Any) -> None:
                                    "report.html.")
     p.add_argument("spec", help=f"a comparison name ({FOLDER}/NAME.yaml) or a path to a YAML file")
     p.add_argument("--out", metavar="DIR", help="report folder (default: reports/NAME/ in the workspace)")
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N dataset rows (overrides dataset.limit)")
+    from retort.cli import positive
+
+    p.add_argument("--limit", type=positive, metavar="N",
+                   help="only the first N dataset rows (overrides dataset.limit)")
     p.add_argument("--model", action="append", metavar="NAME=TARGET",
                    help="point a named model of every strategy at another backend (as in `retort run`); "
                         "NAME '*' means every model and replaces the strategies' own targets")

@@ -38,7 +38,10 @@ def read_table(path: Path, limit: int | None = None) -> pa.Table:
                 pass  # mixed types across rows, or a line that is not an object: the exact path says which
             return _from_rows(_jsonl_rows(path, limit), path)
         if suffix == ".json":
-            data = orjson.loads(path.read_bytes())
+            try:
+                data = orjson.loads(path.read_bytes())
+            except orjson.JSONDecodeError as exc:
+                raise DatasetError(f"{path}: invalid JSON: {exc}") from None
             if isinstance(data, dict):  # {"data": [...]} and similar: take the one list inside
                 lists = [v for v in data.values() if isinstance(v, list)]
                 if len(lists) != 1:
@@ -51,14 +54,20 @@ def read_table(path: Path, limit: int | None = None) -> pa.Table:
             from pyarrow import csv
 
             opts = csv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-            table = csv.read_csv(path, parse_options=opts)
+            raw = path.read_bytes()
+            try:
+                raw.decode("utf-8")
+                read = csv.ReadOptions()
+            except UnicodeDecodeError:  # not UTF-8: Latin-1 (any byte is a character), never bytes in a prompt
+                read = csv.ReadOptions(encoding="latin-1")
+            table = csv.read_csv(path, read_options=read, parse_options=opts)
         elif suffix == ".parquet":
             from pyarrow import parquet
 
             table = parquet.read_table(path)
         else:
             raise DatasetError(f"{path}: unknown format {suffix!r}; expected one of {', '.join(FORMATS)}")
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: cannot read: {exc}") from None
     return table.slice(0, limit) if limit else table
 

@@ -205,7 +205,8 @@ class Runner:
                  progress: Progress | None = None, max_retries: int = 5,
                  backend_factory: Callable[[str, dict[str, Any]], Backend] | None = None,
                  argv: str = "", reuse: bool = True, namespace: str | None = None,
-                 max_failures: int = 0, input_data: pa.Table | None = None) -> None:
+                 max_failures: int = 0, input_data: pa.Table | None = None, sample: int | None = None,
+                 seed: int = 0) -> None:
         """`namespace` names where the run's tables become the latest (default: the pipeline's
         name); a run with more than `max_failures` failed calls ends `failed` and does not."""
         assert mode in ("run", "plan", "validate")
@@ -213,6 +214,7 @@ class Runner:
         self.mode, self.dry = mode, mode != "run"
         self.input_path, self.limit = input_path, limit
         self.input_data = input_data  # rows given in memory (the Python API) instead of a file
+        self.sample, self.seed = sample, seed  # a seeded random subset of the input rows
         self.columns = {**pipeline.input.columns, **(columns or {})}
         self.model_targets = model_targets or {}
         self.progress = progress or Progress()
@@ -445,7 +447,7 @@ class Runner:
         if not self.reuse:
             return path, limit, None
         return path, limit, hashlib.sha256(orjson.dumps(
-            [_engine_digest(), "input", content, kind, self.columns, limit])).hexdigest()
+            [_engine_digest(), "input", content, kind, self.columns, limit, self.sample, self.seed])).hexdigest()
 
     def _read_input(self) -> pa.Table | None:
         """The input rows, mapped, read before the run starts (a bad file or mapping makes no run);
@@ -458,7 +460,11 @@ class Runner:
             data = self.input_data.slice(0, limit) if limit else self.input_data
         else:
             data = read_table(path, limit)
-        data = data.append_column("_id", pa.array([str(i) for i in range(data.num_rows)], pa.string()))
+        ids = pa.array([str(i) for i in range(data.num_rows)], pa.string())  # the row's place in the file
+        if self.sample is not None and self.sample < data.num_rows:
+            keep = sorted(random.Random(self.seed).sample(range(data.num_rows), self.sample))
+            data, ids = data.take(keep), ids.take(keep)
+        data = data.append_column("_id", ids)
         if not self.columns:
             return data
         kept = [c for c in data.column_names if c not in self.columns]

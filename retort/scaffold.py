@@ -58,6 +58,8 @@ def init_workspace(root: Path) -> Path:
         "prompts/example/classify.j2": EXAMPLE_PROMPT,
         "evaluators/example.py": EXAMPLE_EVALUATOR,
         "data/example.jsonl": EXAMPLE_DATA,
+        ".gitignore": "# retort's store (it holds the calls you paid for: back it up, do not commit it),\n"
+                      "# and what it rebuilds: exports and reports\n.retort/\nexports/\nreports/\n",
     }
     existing = [name for name in files if (root / name).exists()]
     if existing:

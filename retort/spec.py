@@ -220,7 +220,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise SpecError(f"--set {text!r}: expected key.path=value")
-    return key.split("."), yaml.safe_load(raw) if raw else ""
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"--set {text!r}: the value is not valid YAML ({problem}); quote it to pass text") from None
 
 
 def apply_override(data: dict[str, Any], keys: list[str], value: Any, src: Source) -> None:
@@ -267,8 +271,25 @@ def read_yaml(path: Path, expected: str = "a mapping with `input` and `stages`")
                         line=mark.line + 1 if mark else None) from None
     if not isinstance(data, dict):
         raise SpecError(f"expected {expected}", file=str(path), line=1)
+    _no_duplicate_keys(node, str(path))
     _record(node, (), src)
     return _interpolate(data, (), src), src
+
+
+def _no_duplicate_keys(node: Any, file: str) -> None:
+    """YAML lets a later key silently replace an earlier one; a spec must not lose a setting that way."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key, value in node.value:
+            name = getattr(key, "value", None)
+            if name in seen:
+                raise SpecError(f"duplicate key {name!r} (first at line {seen[name]})", file=file,
+                                line=key.start_mark.line + 1)
+            seen[name] = key.start_mark.line + 1
+            _no_duplicate_keys(value, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _no_duplicate_keys(item, file)
 
 
 def load_pipeline(path: Path | str, overrides: list[str] = ()) -> tuple[Pipeline, Source]:  # type: ignore[assignment]

@@ -126,8 +126,13 @@ class Template:
         except jinja2.UndefinedError as exc:
             raise TemplateError(exc.message or "undefined variable", template=self.name,
                                 line=self._line(exc)) from None
-        except (jinja2.TemplateError, TypeError, ValueError, AttributeError) as exc:
-            raise TemplateError(str(exc), template=self.name, line=self._line(exc)) from None
+        except RecursionError as exc:  # a macro that calls itself without end
+            raise TemplateError("recursion too deep (a macro or include that calls itself?)", template=self.name,
+                                line=self._line(exc)) from None
+        except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as exc:
+            # ZeroDivisionError in {{ 1/0 }}, OverflowError from the sandbox's range() cap, a bad index
+            raise TemplateError(f"{type(exc).__name__}: {exc}" if not isinstance(exc, jinja2.TemplateError)
+                                else str(exc), template=self.name, line=self._line(exc)) from None
         if not self.has_roles:
             return [{"role": "user", "content": text.strip()}]
         messages = []

@@ -112,7 +112,7 @@ def test_no_column_is_squashed_to_nothing(ws: Path) -> None:
     header = next(line for line in proc.stdout.splitlines() if "run_id" in line)
     cells = [c.strip() for c in header.strip("┃ \n").split("┃")]
     assert cells == ["run_id", "pipeline", "spec_path", "spec_hash", "started_at", "finished_at", "status", "argv",
-                     "stats"]
+                     "stats", "namespace", "pinned"]
     body = next(line for line in proc.stdout.splitlines() if line.startswith("│"))
     assert [c.strip() for c in body.strip("│ ").split("│")][6] == "ok"  # the status is shown, not squashed
 
