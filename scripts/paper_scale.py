@@ -113,6 +113,8 @@ def pipeline_args(method: str, args: argparse.Namespace) -> list[str]:
         out += ["--input", inputs[-1]]
     if args.limit is not None:
         out += ["--limit", str(args.limit)]
+    else:  # a built-in's own input.limit keeps its demo small on the embedded model: lift it
+        out += ["--set", "input.limit=null"]
     for value in (spec.tiny if args.scale == "tiny" else spec.paper):
         out += ["--set", value]
     for value in _scoped(args.set or [], method, ":"):
@@ -215,7 +217,7 @@ def _with_limit(argv_m: list[str], n: int) -> list[str]:
         i = out.index("--limit")
         out[i + 1] = str(min(n, int(out[i + 1])))
     else:
-        out[1:1] = ["--limit", str(n)]
+        out[1:1] = ["--limit", str(n)]  # --limit wins over the input.limit=null beside it
     return out
 
 
