@@ -26,7 +26,7 @@ points one named model elsewhere (e.g. a stronger judge). `--input`, `--set` and
 take an optional `METHOD=` / `METHOD:` prefix to apply to one method only.
 
 The paper-scale settings of each method, and where each number comes from, are in
-PAPER below and in docs/methods/*.md ("Paper scale").
+PAPER below and in docs/methods/paper_scale.md.
 """
 
 from __future__ import annotations
