@@ -1,9 +1,11 @@
-"""CDMT / distilling step by step: the teacher's rationales, the gold-label gate,
-rationalization with the label as a hint, the final `dataset` table and its multitask export."""
+"""CDMT / distilling step by step: the teacher's rationales, the `dataset` table laid out as the
+reference trains (predict: every example with its gold label, explain: the teacher's rationale),
+the opt-in gates, rationalization with the label as a hint, and the multitask export."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from conftest import db_rows as _rows
 MINI = [
     {"text": "a funny film", "label": "positive"},   # teacher right
     {"text": "a dull film", "label": "negative"},    # teacher wrong, rationalized right
-    {"text": "a broken film", "label": "negative"},  # teacher unparsable, rationalization refuses the hint
+    {"text": "a broken film", "label": "negative"},  # teacher unparsable, rationalization ignores the hint
     {"text": "a lovely film", "label": "positive"},  # teacher right ("Positive." still matches)
     {"text": "a weird film", "label": "positive"},   # teacher wrong, rationalized right
 ]
@@ -73,53 +75,103 @@ def _domain(n: str) -> str:
     return f"Key entities: E {n}\nActions and events: V {n}\nHow they relate: X {n}"
 
 
-def test_gate_and_rationalization_build_the_dataset(workspace: Path) -> None:
+# The reference's row layout (google-research/distilling-step-by-step, run.py with --label_type gt
+# and --model_type task_prefix), written out by hand for MINI: every example trains predict: on its
+# GOLD label, and explain: on the rationale the LLM wrote for it, whichever label the LLM reached
+# (no filter); an output with no parsable rationale writes no explain: record here (the reference
+# trains on ' ', data_utils.py's fallback).
+TEACHER_WROTE = {"a funny film": "funny", "a dull film": "dull", "a lovely film": "lovely", "a weird film": "weird"}
+
+
+def _reference_records(rationales: dict[str, str]) -> list[dict[str, str]]:
+    out = []
+    for row in MINI:
+        out.append({"input": "predict: " + row["text"], "output": row["label"], "task": "predict"})
+        if row["text"] in rationales:
+            n = rationales[row["text"]]
+            out.append({"input": "explain: " + row["text"], "output": _rationale(n), "task": "explain"})
+            out.append({"input": "explain_domain: " + row["text"], "output": _domain(n), "task": "explain_domain"})
+    return out
+
+
+def _export(ws: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    proc = run_cli("export", "dataset", "--format", "multitask", cwd=ws)
+    assert proc.returncode == 0, proc.stderr
+    lines = (ws / "exports" / "dataset.multitask.jsonl").read_text().splitlines()
+    manifest = json.loads((ws / "exports" / "dataset.multitask.jsonl.manifest.json").read_text())
+    return [json.loads(line) for line in lines], manifest
+
+
+def test_default_is_the_references_layout(workspace: Path) -> None:
     ws = _workspace(workspace)
     result = _run(ws)
-    assert _counts(result) == {"teach": 5, "retry": 3, "rationalize": 3, "teacher_scores": 1, "dataset": 4}
-    assert _rows(ws, "SELECT _id FROM main.retry ORDER BY _id") == [("1",), ("2",), ("4",)]
-    assert _rows(ws, "SELECT _parent, predicted_label FROM main.rationalize ORDER BY _parent") == [
-        ("1", "negative"), ("2", "positive"), ("4", "positive")]
-
-    dataset = _rows(ws, "SELECT _id, _parent, text, label, rationale, domain_rationale, rationalized "
-                        "FROM main.dataset")
-    assert dataset == [
-        ("0.0", "0", "a funny film", "positive", _rationale("funny"), _domain("funny"), False),
-        ("1.0", "1", "a dull film", "negative", _rationale("dull*"), _domain("dull*"), True),
-        ("3.0", "3", "a lovely film", "positive", _rationale("lovely"), _domain("lovely"), False),
-        ("4.0", "4", "a weird film", "positive", _rationale("weird*"), _domain("weird*"), True),
-    ]
-    # lineage: each row's call is the one that wrote it
+    assert _counts(result) == {"teach": 5, "retry": 0, "rationalize": 0, "teacher_scores": 1, "dataset": 5}
+    assert result["calls_made"] == 5
+    records, manifest = _export(ws)
+    assert records == _reference_records(TEACHER_WROTE)
+    # predict: every example, gold label; explain: every rationale, the wrong-label ones ("dull", "weird") too
+    assert [r["output"] for r in records if r["task"] == "predict"] == [r["label"] for r in MINI]
+    assert (manifest["kept"], manifest["rows"]) == (5, 13)
+    assert _rows(ws, "SELECT _id, teacher_label, label_matches, rationalized FROM main.dataset") == [
+        ("0", "positive", True, False), ("1", "positive", False, False), ("2", None, False, False),
+        ("3", "Positive.", True, False), ("4", "negative", False, False)]
     calls = _rows(ws, "SELECT d._id, c.stage FROM main.dataset d JOIN calls c ON c.key = d._call ORDER BY d._id")
-    assert calls == [("0.0", "teach"), ("1.0", "rationalize"), ("3.0", "teach"), ("4.0", "rationalize")]
-
+    assert calls == [("0", "teach"), ("1", "teach"), ("3", "teach"), ("4", "teach")]
     [(accuracy, n, correct, unparsed)] = _rows(ws, "SELECT accuracy, n, correct, unparsed FROM main.teacher_scores")
     assert (accuracy, n, correct, unparsed) == (0.4, 5, 2, 1)
 
 
-def test_rationalization_can_be_turned_off(workspace: Path) -> None:
+def test_the_explain_gate_never_removes_an_example_from_predict(workspace: Path) -> None:
     ws = _workspace(workspace)
-    result = _run(ws, "--set", "params.rationalize=false")
-    assert _counts(result) == {"teach": 5, "retry": 0, "rationalize": 0, "teacher_scores": 1, "dataset": 2}
-    assert result["calls_made"] == 5
-    assert _rows(ws, "SELECT _parent, rationalized FROM main.dataset") == [("0", False), ("3", False)]
+    _run(ws, "--set", "params.gate=explain")
+    records, _ = _export(ws)
+    assert records == _reference_records({"a funny film": "funny", "a lovely film": "lovely"})
+    assert sum(r["task"] == "predict" for r in records) == len(MINI)
 
 
-def test_dataset_exports_as_multitask(workspace: Path) -> None:
+def test_rationalization_is_gated_on_the_label_the_teacher_concludes(workspace: Path) -> None:
     ws = _workspace(workspace)
-    _run(ws)
-    proc = run_cli("export", "dataset", "--format", "multitask", cwd=ws)
-    assert proc.returncode == 0, proc.stderr
-    lines = (ws / "exports" / "dataset.multitask.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    assert len(records) == 12
-    assert records[:3] == [
-        {"input": "predict: a funny film", "output": "positive", "task": "predict"},
-        {"input": "explain: a funny film", "output": _rationale("funny"), "task": "explain"},
-        {"input": "explain_domain: a funny film", "output": _domain("funny"), "task": "explain_domain"},
+    result = _run(ws, "--set", "params.gate=explain", "--set", "params.rationalize=true")
+    assert _counts(result) == {"teach": 5, "retry": 3, "rationalize": 3, "teacher_scores": 1, "dataset": 5}
+    assert _rows(ws, "SELECT _id FROM main.retry ORDER BY _id") == [("1",), ("2",), ("4",)]
+    # the hinted prompt leaves the label to the teacher: the gate can and does refuse one ("broken")
+    hinted = [json.loads(r)["messages"][-1]["content"] for (r,) in
+              _rows(ws, "SELECT request FROM calls WHERE stage = 'rationalize'")]
+    assert all('the correct label is "' in p for p in hinted)
+    assert not any(re.search(r'"predicted_label": "(positive|negative)"', p) for p in hinted)
+    assert _rows(ws, "SELECT _parent, predicted_label FROM main.rationalize ORDER BY _parent") == [
+        ("1", "negative"), ("2", "positive"), ("4", "positive")]
+    records, _ = _export(ws)
+    assert records == _reference_records({"a funny film": "funny", "a dull film": "dull*", "a lovely film": "lovely",
+                                          "a weird film": "weird*"})
+    assert _rows(ws, "SELECT _id, rationalized, rationale IS NOT NULL FROM main.dataset") == [
+        ("0", False, True), ("1", True, True), ("2", True, False), ("3", False, True), ("4", True, True)]
+    calls = _rows(ws, "SELECT d._id, c.stage FROM main.dataset d JOIN calls c ON c.key = d._call ORDER BY d._id")
+    assert calls == [("0", "teach"), ("1", "rationalize"), ("2", "rationalize"), ("3", "teach"),
+                     ("4", "rationalize")]
+
+
+def test_the_row_gate_is_retorts_earlier_variant(workspace: Path) -> None:
+    ws = _workspace(workspace)
+    _run(ws, "--set", "params.gate=rows", "--set", "params.rationalize=true")
+    assert _rows(ws, "SELECT _id, text, label, rationale, domain_rationale, rationalized FROM main.dataset") == [
+        ("0", "a funny film", "positive", _rationale("funny"), _domain("funny"), False),
+        ("1", "a dull film", "negative", _rationale("dull*"), _domain("dull*"), True),
+        ("3", "a lovely film", "positive", _rationale("lovely"), _domain("lovely"), False),
+        ("4", "a weird film", "positive", _rationale("weird*"), _domain("weird*"), True),
     ]
-    manifest = json.loads((ws / "exports" / "dataset.multitask.jsonl.manifest.json").read_text())
-    assert (manifest["pipeline"], manifest["kept"], manifest["rows"]) == ("cdmt", 4, 12)
+    records, manifest = _export(ws)
+    assert sum(r["task"] == "predict" for r in records) == 4  # "a broken film" left predict: too
+    assert (manifest["kept"], manifest["rows"]) == (4, 12)
+
+
+def test_an_unknown_gate_is_one_clear_error(workspace: Path) -> None:
+    ws = _workspace(workspace)
+    proc = run_cli("run", "cdmt", "--input", "data/mini.jsonl", "--model", "*=scripted:cdmt_replies:reply",
+                   "--set", "params.gate=strict", "-q", cwd=ws)
+    assert proc.returncode != 0
+    assert "params.gate must be none, explain or rows, got strict" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_label_set_comes_from_params(workspace: Path) -> None:
@@ -142,7 +194,9 @@ def test_real_datasets_load(workspace: Path) -> None:
         proc = run_cli("run", "cdmt", *args, "--limit", "2", "--model", echo, "-q", "--json", cwd=workspace)
         assert proc.returncode == 0, proc.stderr
         counts = _counts(json.loads(proc.stdout))
-        assert counts["teach"] == 2 and counts["retry"] == 2 and counts["dataset"] == 0
+        # echo writes no JSON: every example still trains predict:, none has a rationale
+        assert counts["teach"] == 2 and counts["retry"] == 0 and counts["dataset"] == 2
+        assert _rows(workspace, "SELECT count(rationale) FROM main.dataset") == [(0,)]
 
 
 @pytest.mark.local_model
@@ -153,7 +207,7 @@ def test_embedded_model_end_to_end(workspace: Path) -> None:
     assert result["status"] == "ok"
     counts = _counts(result)
     assert counts["teach"] == 2 and counts["teacher_scores"] == 1
-    assert counts["rationalize"] == counts["retry"] <= 2
-    assert counts["dataset"] <= 2
+    assert counts["rationalize"] == counts["retry"] == 0
+    assert counts["dataset"] == 2
     for name in ("teach", "retry", "rationalize", "teacher_scores", "dataset"):
         assert _rows(workspace, f"SELECT count(*) FROM main.{name}") == [(counts[name],)]
