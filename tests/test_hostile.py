@@ -9,13 +9,28 @@ differently (status pages, big and cut-off bodies, headers, a mix) runs on all t
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.messages import AIMessage
 
+from retort import runner
+from retort.backends.base import Request
+from retort.backends.langchain import _finish_reason as lc_reason
+from retort.backends.langchain import _text as lc_text
+from retort.backends.langchain import _usage as lc_usage
+from retort.backends.scripted import ScriptedBackend
+from retort.cache import Cache
+from retort.errors import BackendError
+from retort.progress import RichProgress
+from retort.runner import Progress, Runner, RunResult, StageStats
+from retort.spec import load_pipeline
+from retort.workspace import Workspace
 from tests.conftest import db_rows, run_cli
 from tests.hostile_server import Hostile, reply_text
 
@@ -121,3 +136,91 @@ def check_values(workspace: Path, mode: str) -> None:
     elif mode == "mixed":
         assert all(v in ("", reply_text(prompt(int(k.split()[1]))), f"{len(prompt(int(k.split()[1]))) + 0.5}")
                    for k, v in texts.items())
+
+
+# --- bounded waits: a Retry-After above the model's cap is a failure, a long wait shows ----------------------
+
+
+class Waits(Progress):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, float, str]] = []
+
+    def waiting(self, stats: StageStats, seconds: float, reason: str) -> None:
+        self.seen.append((stats.name, seconds, reason))
+
+
+def run_scripted(workspace: Path, function: Callable[[Request], str], model: str = "{backend: scripted, "
+                 "replies: [unused]}") -> tuple[RunResult, Waits]:
+    (workspace / "data" / "rows.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}"}) for i in range(6)))
+    path = workspace / "pipelines" / "p.yaml"
+    path.write_text(f"input: {{path: data/rows.jsonl}}\nmodels:\n  default: {model}\n"
+                    "stages:\n  - {name: ask, template: '{{ text }}'}\n")
+    ws, waits = Workspace(workspace), Waits()
+    spec, source = load_pipeline(path)
+    cache = Cache(ws.db_path)
+    backend = ScriptedBackend(function=function)
+    try:
+        result = asyncio.run(Runner(ws, spec, source, cache, progress=waits, max_retries=3,
+                                    backend_factory=lambda name, config: backend).execute())
+    finally:
+        cache.close()
+    return result, waits
+
+
+def test_a_retry_after_of_a_day_fails_the_row_at_once_with_the_servers_words(workspace: Path) -> None:
+    asked: list[str] = []
+
+    def daily_limit(request: Request) -> str:
+        asked.append(request.messages[-1]["content"])
+        if asked[-1] == "row 2":
+            raise BackendError("Rate limit reached for requests per day", status=429, retryable=True,
+                               retry_after=86400)
+        return "ok"
+
+    result, waits = run_scripted(workspace, daily_limit)
+    assert asked.count("row 2") == 1 and len(asked) == 6  # not retried (3 retries were allowed), not slept
+    assert (result.failures, result.stages[0].rows_out) == (1, 5)
+    assert db_rows(workspace, "SELECT status, error FROM failures") == [
+        (429, "HTTP 429: Rate limit reached for requests per day (Retry-After 86,400s is "
+       "above max_retry_after 120s: not retried)")]
+    assert waits.seen == []
+
+
+def test_the_cap_is_a_model_setting_and_a_long_wait_is_told_to_the_progress(workspace: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "LONG_WAIT", 0.2)  # "a few seconds", scaled down so the test waits little
+    tries: dict[str, int] = {}
+
+    def pacing(request: Request) -> str:
+        row = request.messages[-1]["content"]
+        tries[row] = tries.get(row, 0) + 1
+        if row == "row 1" and tries[row] == 1:
+            raise BackendError("slow down", status=429, retryable=True, retry_after=0.3)
+        if row == "row 4":
+            raise BackendError("come back later", status=503, retryable=True, retry_after=0.9)
+        return "ok"
+
+    result, waits = run_scripted(workspace, pacing, "{backend: scripted, replies: [unused], max_retry_after: 0.5}")
+    assert (tries["row 1"], tries["row 4"], result.failures) == (2, 1, 1)
+    assert [(stage, reason) for stage, _, reason in waits.seen] == [
+        ("ask", "HTTP 429: slow down")]
+    assert 0.3 <= waits.seen[0][1] <= 0.5
+    assert db_rows(workspace, "SELECT error FROM failures")[0][0].endswith(
+        "HTTP 503: come back later (Retry-After 1s is above max_retry_after 0.5s: not retried)")
+
+
+def test_the_progress_line_says_how_long_a_call_waits_and_until_when() -> None:
+    progress, stats = RichProgress(enabled=False), StageStats("ask", "prompt")
+    progress.stage_started(stats, 10)
+    progress.waiting(stats, 90, "model 'm': HTTP 429: slow down")
+    progress.waiting(stats, 5, "model 'm': HTTP 503: busy")  # ends sooner: the longer wait stays shown
+    shown = progress.bar.tasks[progress.tasks["ask"]].fields["wait"]
+    assert re.fullmatch(r"waiting 90s \(until \d\d:\d\d:\d\d\): model 'm': HTTP 429: slow down", shown), shown
+
+
+def test_langchain_messages_decode_like_server_replies() -> None:
+    message = AIMessage(content=[{"type": "text", "text": "a"}, "b", {"type": "reasoning", "reasoning": "x"}],
+                        response_metadata={"finish_reason": {"type": "end_turn"}},
+                        usage_metadata={"input_tokens": 2 ** 33, "output_tokens": 3, "total_tokens": 2 ** 33 + 3})
+    assert (lc_text(message), lc_reason(message), lc_usage(message)) == ("ab", '{"type":"end_turn"}', (2 ** 33, 3))
+    assert lc_reason(AIMessage(content="x")) is None and lc_text(AIMessage(content=[])) == ""
