@@ -77,13 +77,13 @@ class Malformed(ValueError):
 
 
 def decode_chat(data: Any, n: int) -> Completion:
-    """A chat completion object (parsed JSON) for a request of `n` samples, as a well-typed Completion.
+    """A chat completion object (parsed JSON: dicts and lists) for a request of `n` samples, as a well-typed Completion.
 
     Content given as a list of parts is joined, a number becomes its JSON text, null is ""
     (its finish_reason kept); a finish_reason is a str or None; token counts are ints. A server
     that ignores `n` answers one choice: that one is returned, and the caller asks for the rest.
     """
-    if not isinstance(data, Mapping):
+    if not isinstance(data, dict):
         raise Malformed(f"not a chat completion: a JSON {_kind(data)}")
     choices = data.get("choices")
     if not isinstance(choices, list):
@@ -95,19 +95,19 @@ def decode_chat(data: Any, n: int) -> Completion:
     texts, reasons = [], []
     for i, choice in enumerate(ordered):
         message = choice.get("message")
-        if not isinstance(message, Mapping):
+        if not isinstance(message, dict):
             raise Malformed(f"not a chat completion: choice {i} has no `message` object")
         texts.append(content_text(message.get("content"), f"choice {i}"))
         reasons.append(reason_text(choice.get("finish_reason")))
     usage = data.get("usage")
-    usage = usage if isinstance(usage, Mapping) else {}
+    usage = usage if isinstance(usage, dict) else {}
     return Completion(texts=texts, prompt_tokens=token_count(usage.get("prompt_tokens")),
                       completion_tokens=token_count(usage.get("completion_tokens")), finish_reasons=reasons)
 
 
 def decode_embeddings(data: Any, count: int) -> tuple[list[list[float]], int]:
     """An embeddings object (parsed JSON) for `count` inputs: the vectors in input order, and the tokens used."""
-    if not isinstance(data, Mapping) or not isinstance(data.get("data"), list):
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise Malformed("not an embeddings reply: no `data` list")
     rows = data["data"]
     if len(rows) != count:
@@ -119,7 +119,7 @@ def decode_embeddings(data: Any, count: int) -> tuple[list[list[float]], int]:
             raise Malformed(f"embedding {i} is not a list of numbers")
         vectors.append([float(x) for x in vector])
     usage = data.get("usage")
-    return vectors, token_count(usage.get("prompt_tokens") if isinstance(usage, Mapping) else None)
+    return vectors, token_count(usage.get("prompt_tokens") if isinstance(usage, dict) else None)
 
 
 def content_text(content: Any, where: str = "the message") -> str:
@@ -135,7 +135,7 @@ def content_text(content: Any, where: str = "the message") -> str:
         for part in content:
             if isinstance(part, str):
                 parts.append(part)
-            elif isinstance(part, Mapping):
+            elif isinstance(part, dict):
                 text = part.get("text")
                 if isinstance(text, str):  # {"type": "text", "text": ...}; image and audio parts carry no text
                     parts.append(text)
@@ -157,6 +157,8 @@ def reason_text(reason: Any) -> str | None:
 def token_count(value: Any) -> int:
     """A usage count as an int. Usage is accounting, not the answer: a count that is absent, negative
     or not a number counts 0 rather than costing the row its (paid) completion."""
+    if type(value) is int and 0 <= value <= MAX_COUNT:  # the usual case, first
+        return value
     if isinstance(value, bool):
         return 0
     if isinstance(value, str):
@@ -184,11 +186,11 @@ def _kind(value: Any) -> str:
 
 def _by_index(items: list[Any]) -> list[Mapping[str, Any]]:
     """`choices` or `data` entries in their `index` order (0, 1, ...), or as listed when none has an index."""
-    if not all(isinstance(item, Mapping) for item in items):
-        raise Malformed(f"an entry is a JSON {_kind(next(i for i in items if not isinstance(i, Mapping)))}, "
+    if not all(isinstance(item, dict) for item in items):
+        raise Malformed(f"an entry is a JSON {_kind(next(i for i in items if not isinstance(i, dict)))}, "
                         "not an object")
     indexes = [item.get("index") for item in items]
-    if all(i is None for i in indexes):
+    if indexes == [0] or all(i is None for i in indexes):
         return items
     if sorted(i for i in indexes if isinstance(i, int) and not isinstance(i, bool)) != list(range(len(items))):
         raise Malformed(f"entry indexes {indexes[:8]} are not 0..{len(items) - 1}")

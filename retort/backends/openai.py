@@ -4,7 +4,9 @@
     OpenAIBackend("Qwen/Qwen2.5-7B-Instruct", base_url="http://gpu1:8000/v1",
                   extra_body={"top_k": 20})
 
-Three transports speak the same wire format and build Completions with the same code:
+Three transports speak the same wire format, and every reply of each is decoded by the same
+function (`decode_chat`/`decode_embeddings` in backends/base.py, through `_decode`): a
+well-typed Completion, or that row's BackendError quoting the server's words in one line.
 
 - "fast": retort's own keep-alive HTTP/1.1 client (`retort.backends.wire`), orjson
   both ways. About half the CPU per request of a bare aiohttp loop, so one client
