@@ -46,6 +46,7 @@ class _Bucket:
         self.level -= amount  # may go negative: settles a request that used more than estimated
 
 
+MAX_RETRY_AFTER = 120.0  # seconds
 CUT_INTERVAL = 1.0  # seconds between two halvings of the limit
 
 
@@ -57,8 +58,11 @@ class Limiter:
     A budget is waited out with a sleep of exactly its length.
     """
 
-    def __init__(self, max_concurrency: int, rpm: float | None = None, tpm: float | None = None) -> None:
+    def __init__(self, max_concurrency: int, rpm: float | None = None, tpm: float | None = None,
+                 max_retry_after: float | None = None) -> None:
         self.ceiling = max(1, max_concurrency)
+        # The longest Retry-After the runner waits out; past it the call fails (the openai SDK's cap).
+        self.max_retry_after = MAX_RETRY_AFTER if max_retry_after is None else max_retry_after
         self.limit = self.ceiling
         self.active = 0
         self._successes = 0

@@ -32,10 +32,11 @@ class RichProgress(RunnerProgress):
         self.bar = Progress(
             TextColumn("[bold]{task.description:<14}"), BarColumn(bar_width=24), MofNCompleteColumn(),
             TextColumn("hits {task.fields[hits]}  fail {task.fields[fail]}  {task.fields[tps]} tok/s"),
-            TimeRemainingColumn(), console=self.console, transient=False,
+            TimeRemainingColumn(), TextColumn("[yellow]{task.fields[wait]}"), console=self.console, transient=False,
             disable=not enabled, refresh_per_second=4)
         self.tasks: dict[str, Any] = {}
         self.started: dict[str, float] = {}
+        self.waits: dict[str, float] = {}  # stage → when its latest long wait ends (monotonic)
         self._last = 0.0
 
     def __enter__(self) -> RichProgress:
@@ -48,7 +49,7 @@ class RichProgress(RunnerProgress):
     def stage_started(self, stats: StageStats, total: int | None) -> None:
         self.started[stats.name] = time.monotonic()
         self.tasks[stats.name] = self.bar.add_task(f"{stats.name} ({stats.kind})", total=total, hits=0, fail=0,
-                                                   tps="-")
+                                                   tps="-", wait="")
 
     def advance(self, stats: StageStats) -> None:
         task = self.tasks.get(stats.name)
@@ -59,6 +60,21 @@ class RichProgress(RunnerProgress):
         elapsed = max(1e-6, time.monotonic() - self.started[stats.name])
         self.bar.update(task, completed=stats.done, hits=stats.cache_hits, fail=stats.failures,
                         tps=f"{stats.completion_tokens / elapsed:,.0f}" if stats.calls_made else "-")
+        if stats.name in self.waits and self.waits[stats.name] <= now:
+            del self.waits[stats.name]
+            self.bar.update(task, wait="")
+
+    def waiting(self, stats: StageStats, seconds: float, reason: str) -> None:
+        """Say that a call waits, and until when (a clock time stays true without redraws)."""
+        task = self.tasks.get(stats.name)
+        if task is None:
+            return
+        until = time.monotonic() + seconds
+        if until <= self.waits.get(stats.name, 0.0):
+            return  # an earlier wait ends later: keep showing that one
+        self.waits[stats.name] = until
+        clock = time.strftime("%H:%M:%S", time.localtime(time.time() + seconds))
+        self.bar.update(task, wait=f"waiting {seconds:,.0f}s (until {clock}): {reason[:80]}")
 
     def stage_finished(self, stats: StageStats) -> None:
         task = self.tasks.get(stats.name)

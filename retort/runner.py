@@ -128,6 +128,8 @@ class Progress:
     def stage_started(self, stats: StageStats, total: int | None) -> None: ...
     def advance(self, stats: StageStats) -> None: ...
     def stage_finished(self, stats: StageStats) -> None: ...
+    def waiting(self, stats: StageStats, seconds: float, reason: str) -> None:
+        """A call of this stage waits `seconds` (at least LONG_WAIT) before its retry, because of `reason`."""
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -142,26 +144,53 @@ def _backoff(state: Any) -> float:
 
 
 async def call_with_retries(fn: Callable[[A], Awaitable[T]], arg: A, limiter: Limiter, max_retries: int,
-                            estimate: float = 0.0, tokens: Callable[[T], float] | None = None) -> T:
+                            estimate: float = 0.0, tokens: Callable[[T], float] | None = None,
+                            on_wait: Callable[[float, str], None] | None = None) -> T:
     """One model call, `fn(arg)`, as every backend gets it: through the model's limiter, retried with tenacity.
 
     The first try runs inline (the hot path: no closure, no tenacity); a retryable failure
     (429, 5xx, timeout, connection) is retried with exponential backoff and jitter, never
-    sooner than Retry-After. Every try passes the limiter: a 429 halves the model's
-    concurrency and token budgets settle on real usage (`tokens(result)`).
+    sooner than Retry-After. A Retry-After above the model's `max_retry_after` fails the call
+    at once with the server's words (a day's wait is not a retry). Every try passes the
+    limiter: a 429 halves the model's concurrency and token budgets settle on real usage
+    (`tokens(result)`). A wait of LONG_WAIT or more is told to `on_wait(seconds, reason)`.
     """
     try:
         return await _attempt(fn, arg, limiter, estimate, tokens)
     except BackendError as exc:
-        if not exc.retryable or max_retries <= 0:
+        if not _capped(exc, limiter.max_retry_after).retryable or max_retries <= 0:
             raise
         first_wait = max(exc.retry_after or 0.0, random.uniform(0, 0.5))
+        if on_wait is not None and first_wait >= LONG_WAIT:
+            on_wait(first_wait, str(exc))
     await asyncio.sleep(first_wait)
     async for retry in AsyncRetrying(stop=stop_after_attempt(max_retries), wait=_backoff,
-                                     retry=retry_if_exception(_retryable), reraise=True):
+                                     retry=retry_if_exception(_retryable), reraise=True,
+                                     before_sleep=lambda state: _announce(on_wait, state)):
         with retry:
-            return await _attempt(fn, arg, limiter, estimate, tokens)
+            try:
+                return await _attempt(fn, arg, limiter, estimate, tokens)
+            except BackendError as exc:
+                raise _capped(exc, limiter.max_retry_after) from None
     raise AssertionError("unreachable")
+
+
+LONG_WAIT = 3.0  # seconds: a retry's wait at least this long shows in the progress
+
+
+def _capped(exc: BackendError, cap: float) -> BackendError:
+    """`exc`, made final when the server asks for a wait above `cap` (its message and status kept)."""
+    if exc.retryable and exc.retry_after is not None and exc.retry_after > cap:
+        exc.retryable = False
+        exc.args = (f"{exc} (Retry-After {exc.retry_after:,.0f}s is above max_retry_after {cap:g}s: "
+                    "not retried)",)
+    return exc
+
+
+def _announce(on_wait: Callable[[float, str], None] | None, state: Any) -> None:
+    """tenacity's before_sleep: tell `on_wait` of a long wait before the next try."""
+    if on_wait is not None and state.next_action is not None and state.next_action.sleep >= LONG_WAIT:
+        on_wait(state.next_action.sleep, str(state.outcome.exception()))
 
 
 async def _attempt(fn: Callable[[A], Awaitable[T]], arg: A, limiter: Limiter, estimate: float,
@@ -263,7 +292,8 @@ class Runner:
         if name not in self._backends:
             config = self.model_config(name)
             self._backends[name] = backend = self.backend_factory(name, config)
-            self._limiters[name] = Limiter(int(backend.max_concurrency or 1), config.get("rpm"), config.get("tpm"))
+            self._limiters[name] = Limiter(int(backend.max_concurrency or 1), config.get("rpm"), config.get("tpm"),
+                                           config.get("max_retry_after"))
         return self._backends[name]
 
     def limiter(self, name: str) -> Limiter:
@@ -773,7 +803,8 @@ class Runner:
                            stats: StageStats) -> dict[str, list[float]]:
         texts = [t for _, t in group]
         vectors, tokens = await call_with_retries(backend.embed, texts, limiter, self.max_retries,
-                                                  tokens=lambda r: float(r[1]))
+                                                  tokens=lambda r: float(r[1]),
+                                                  on_wait=functools.partial(self.progress.waiting, stats))
         stats.calls_made += len(group)
         stats.prompt_tokens += tokens
         share = tokens // max(1, len(group))
@@ -1067,12 +1098,13 @@ class _PromptExecution:
         return {**self.params, "seed": seed + first_sample + 1000 * attempt}
 
     async def call(self, backend: Backend, limiter: Limiter, request: Request) -> Completion:
+        on_wait = functools.partial(self.r.progress.waiting, self.stats)
         if not limiter.budgets_tokens:
-            return await call_with_retries(backend.complete, request, limiter, self.r.max_retries)
+            return await call_with_retries(backend.complete, request, limiter, self.r.max_retries, on_wait=on_wait)
         prompt = sum(len(m["content"]) for m in request.messages) / 4
         estimate = (prompt + float(request.params.get("max_tokens") or 256)) * request.n
         return await call_with_retries(backend.complete, request, limiter, self.r.max_retries, estimate,
-                                       _completion_tokens)
+                                       _completion_tokens, on_wait)
 
     def deliver(self, job: _Job, sample: int, attempt: int, key: str, text: str, error: str | None) -> None:
         """A sample's text arrived (cache or call): parse it, re-ask if allowed, close the row when complete.

@@ -52,6 +52,8 @@ class ModelSpec(_Strict):
     chunk_size: int | None = Field(None, ge=1, description="vllm: requests per LLM.chat call")
     rpm: float | None = Field(None, gt=0, description="requests per minute budget")
     tpm: float | None = Field(None, gt=0, description="tokens per minute budget")
+    max_retry_after: float | None = Field(None, ge=0, description="seconds; a longer Retry-After fails the call "
+                                                                 "(default 120)")
     price_input: float | None = Field(None, ge=0, description="USD per million prompt tokens")
     price_output: float | None = Field(None, ge=0, description="USD per million completion tokens")
 

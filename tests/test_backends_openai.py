@@ -19,10 +19,11 @@ import pytest
 from aiohttp import web
 
 from bench.stub_server import STATE, StubState, reply_text, start_stub
-from retort.backends.base import Backend, Completion, Request
+from retort.backends.base import Backend, Completion, Malformed, Request, decode_chat, decode_embeddings, token_count
 from retort.backends.openai import OpenAIBackend, from_config, parse_retry_after, retryable_status
 from retort.errors import BackendError, EndpointUnreachable, SpecError, UserError
 from tests.conftest import use
+from tests.hostile_server import Hostile
 
 TRANSPORTS = ["fast", "aiohttp", "sdk"]
 KEY = "sk-test-d0n0tl3ak-7f3a9c"
@@ -226,9 +227,11 @@ def test_a_refused_connection_is_retryable(transport: str) -> None:
 
 
 @pytest.mark.parametrize(("payload", "expected"), [
-    (b"<html>bad gateway</html>", "malformed response: <html>bad gateway</html>"),
-    (b'{"error": {"message": "upstream overloaded"}}', "malformed response: upstream overloaded"),
-    (b'{"choices": []}', "returned no choices"),
+    (b"<html>bad gateway</html>", "malformed response, not JSON: bad gateway"),
+    (b'{"error": {"message": "upstream overloaded"}}', "no `choices` list: upstream overloaded"),
+    (b'{"choices": []}', "0 choices for a request of n=2"),
+    (b'{"choices": [{"index": 0, "message": {"content": "a"}}', "not JSON (unexpected end of data"),
+    (b"", "malformed response: an empty body"),
 ])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_200_that_is_not_a_completion_is_not_retryable(transport: str, payload: bytes, expected: str) -> None:
@@ -369,3 +372,131 @@ def test_a_server_that_ignores_n_is_asked_one_sample_at_a_time(transport: str) -
     texts = asyncio.run(scenario())
     assert texts == ["sample seed=7", "sample seed=8", "sample seed=9", "sample seed=8", "sample seed=9"]
     assert [b.get("n") for b in bodies] == [3, None, None, None, None]  # n is not sent again once ignored
+
+
+# --- decoding: one function turns every reply into a well-typed Completion or the row's failure ---------------
+
+
+def chat(*choices: dict[str, Any], usage: Any = None) -> dict[str, Any]:
+    return {"choices": list(choices), **({"usage": usage} if usage is not None else {})}
+
+
+def choice(content: Any, reason: Any = "stop", index: int | None = None) -> dict[str, Any]:
+    return {"message": {"role": "assistant", "content": content}, "finish_reason": reason,
+            **({"index": index} if index is not None else {})}
+
+
+@pytest.mark.parametrize(("content", "text"), [
+    ("plain", "plain"),
+    ([{"type": "text", "text": "ab"}, "c", {"type": "image_url", "image_url": {"url": "x"}}, {"text": "d"}], "abcd"),
+    (42, "42"), (0.5, "0.5"), (True, "true"), (None, ""), ([], ""),
+])
+def test_content_of_any_valid_shape_becomes_text(content: Any, text: str) -> None:
+    assert decode_chat(chat(choice(content)), 1).texts == [text]
+
+
+def test_null_content_keeps_its_finish_reason_and_reasons_are_text_or_none() -> None:
+    got = decode_chat(chat(choice(None, "content_filter", 1), choice("x", {"type": "stop"}, 0), choice("y", None, 2)),
+                      3)
+    assert got.texts == ["x", "", "y"]  # in index order
+    assert got.finish_reasons == ['{"type":"stop"}', "content_filter", None]
+
+
+@pytest.mark.parametrize(("usage", "counts"), [
+    ({"prompt_tokens": 2 ** 33, "completion_tokens": 2 ** 40}, (2 ** 33, 2 ** 40)),
+    ({"prompt_tokens": 7.0, "completion_tokens": "12"}, (7, 12)),
+    ({"prompt_tokens": -1, "completion_tokens": 1.5}, (0, 0)),
+    ({"prompt_tokens": True, "completion_tokens": None}, (0, 0)),
+    ({"prompt_tokens": 1e300, "completion_tokens": [3]}, (2 ** 63 - 1, 0)),
+    ("lots", (0, 0)),
+])
+def test_token_counts_are_ints_whatever_the_server_says(usage: Any, counts: tuple[int, int]) -> None:
+    got = decode_chat(chat(choice("x"), usage=usage), 1)
+    assert (got.prompt_tokens, got.completion_tokens) == counts
+    assert type(got.prompt_tokens) is int and type(got.completion_tokens) is int
+    assert token_count(float("nan")) == 0
+
+
+@pytest.mark.parametrize(("data", "n", "says"), [
+    ([1, 2], 1, "not a chat completion: a JSON array"),
+    ({"object": "error", "message": "overloaded"}, 1, "no `choices` list"),
+    ({"choices": {"0": {}}}, 1, "`choices` is a object"),
+    (chat(choice("a"), choice("b")), 1, "2 choices for a request of n=1"),
+    (chat(choice("a"), choice("b")), 3, "2 choices for a request of n=3"),
+    (chat(choice("a", index=0), choice("b", index=0)), 2, "entry indexes [0, 0] are not 0..1"),
+    (chat("just text"), 1, "an entry is a JSON string"),
+    (chat({"text": "legacy completion"}), 1, "choice 0 has no `message` object"),
+    (chat(choice({"answer": 1})), 1, "content is a JSON object, not text"),
+    (chat(choice([["nested"]])), 1, "a content part is a JSON array"),
+])
+def test_what_is_not_a_chat_completion_is_malformed(data: Any, n: int, says: str) -> None:
+    with pytest.raises(Malformed) as info:
+        decode_chat(data, n)
+    assert says in str(info.value)
+
+
+def test_one_choice_for_several_samples_is_a_server_ignoring_n() -> None:
+    assert decode_chat(chat(choice("only")), 4).texts == ["only"]  # the backend asks for the other three
+
+
+def test_embeddings_decode_in_index_order_or_fail() -> None:
+    rows = [{"index": 1, "embedding": [1, 2]}, {"index": 0, "embedding": [0.5, 3]}]
+    assert decode_embeddings({"data": rows, "usage": {"prompt_tokens": 2 ** 33}}, 2) == ([[0.5, 3.0], [1.0, 2.0]],
+                                                                                        2 ** 33)
+    for data, says in [({"data": rows}, "2 embeddings for 3 inputs"), ({"error": "x"}, "no `data` list"),
+                       ({"data": [{"embedding": ["1"]}, {"embedding": [1]}, {}]}, "embedding 0 is not a list"),
+                       ({"data": [{"embedding": [True]}] * 3}, "embedding 0 is not a list")]:
+        with pytest.raises(Malformed, match=says.replace("`", ".")):
+            decode_embeddings(data, 3)
+
+
+@pytest.fixture(scope="module")
+def hostile() -> Iterator[Hostile]:
+    with Hostile(lifetime=300) as server:
+        yield server
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_every_transport_decodes_the_same_hostile_replies(hostile: Hostile, transport: str) -> None:
+    request = Request(messages=[{"role": "user", "content": "Q: x"}])
+    seen = {}
+    for mode in ("parts", "number", "null", "finish", "huge_tokens"):
+        hostile.reset(mode)
+        backend = OpenAIBackend("hostile", hostile.url, transport=transport)  # type: ignore[arg-type]
+        seen[mode] = use(backend, lambda b: b.complete(request))
+    assert seen["parts"] == Completion(["echo: Q: x"], 2, 3, ["stop"])
+    assert seen["number"].texts == ["4.5"]
+    assert (seen["null"].texts, seen["null"].finish_reasons) == ([""], ["content_filter"])
+    assert seen["finish"].finish_reasons == ['{"type":"stop","stop":null}']
+    assert (seen["huge_tokens"].prompt_tokens, seen["huge_tokens"].completion_tokens) == (2 ** 33, 2 ** 40 + 1)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_10_mb_error_page_is_quoted_in_one_line(hostile: Hostile, transport: str) -> None:
+    hostile.reset("body_10mb")
+    err = failure(OpenAIBackend("hostile", hostile.url, transport=transport),  # type: ignore[arg-type]
+                  Request(messages=[{"role": "user", "content": "x"}]))
+    assert str(err).startswith("model 'openai:hostile': malformed response, not JSON: Proxy response buffer overflow")
+    assert str(err).endswith(" bytes)") and "10,485," in str(err) and len(str(err)) < 450
+    assert not err.retryable
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_embeddings_replies_are_decoded_or_fail_with_the_servers_words(hostile: Hostile, transport: str) -> None:
+    def embed(mode: str) -> tuple[list[list[float]], int] | BackendError:
+        hostile.reset(mode)
+        backend = OpenAIBackend("hostile", hostile.url, transport=transport)  # type: ignore[arg-type]
+        try:
+            return use(backend, lambda b: b.embed(["a", "bb", "ccc"]))
+        except BackendError as e:
+            return e
+
+    assert embed("parts") == ([[1.0, 0.5], [2.0, 0.5], [3.0, 0.5]], 3)  # listed backwards, put in order by index
+    assert embed("huge_tokens") == ([[1.0, 0.5], [2.0, 0.5], [3.0, 0.5]], 2 ** 33)
+    for mode, says in [("number", "embedding 0 is not a list of numbers"), ("choices", "2 embeddings for 3 inputs"),
+                       ("truncated", "not JSON (unexpected end of data"),
+                       ("not_chat", "no `data` list: The model is overloaded"),
+                       ("html_502", "HTTP 502: 502 Bad Gateway")]:
+        err = embed(mode)
+        assert isinstance(err, BackendError) and says in str(err), (mode, err)
+        assert err.retryable == (mode == "html_502")

@@ -56,7 +56,7 @@ from langchain_core.outputs import LLMResult
 from langchain_core.runnables import Runnable
 from pydantic import BaseModel, SecretBytes, SecretStr
 
-from retort.backends.base import Completion, Request, backend_options
+from retort.backends.base import Completion, Request, backend_options, content_text, reason_text, token_count
 from retort.errors import BackendError, NotFoundError, SpecError, UserError
 from retort.workspace import Workspace, import_object
 
@@ -143,22 +143,23 @@ def to_messages(messages: list[dict[str, str]]) -> list[BaseMessage]:
 
 
 def _text(message: BaseMessage) -> str:
-    if isinstance(message.content, str):
-        return message.content
-    return str(message.text)
+    """Content as text, decoded as a server's reply is: a list of blocks joins its text blocks (not
+    `message.text`: a method in langchain-core 0.3, whose `str()` is a repr). Malformed fails the call."""
+    return content_text(message.content)
 
 
-def _finish_reason(message: BaseMessage) -> str:
+def _finish_reason(message: BaseMessage) -> str | None:
     meta = message.response_metadata or {}
     for name in ("finish_reason", "stop_reason", "done_reason"):
         if meta.get(name):
-            return str(meta[name])
-    return ""
+            return reason_text(meta[name])
+    return None
 
 
 def _usage(message: BaseMessage) -> tuple[int, int]:
-    usage = getattr(message, "usage_metadata", None) or {}
-    return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+    usage = getattr(message, "usage_metadata", None)
+    usage = usage if isinstance(usage, Mapping) else {}
+    return token_count(usage.get("input_tokens")), token_count(usage.get("output_tokens"))
 
 
 def _takes_model(factory: Callable[..., Any]) -> bool:
@@ -315,7 +316,7 @@ class LangChainBackend:
 
     async def _one(self, messages: list[BaseMessage], params: dict[str, Any], seed: int | None,
                    stop: list[str] | None, kwargs: dict[str, Any], schema: dict[str, Any] | None,
-                   ) -> tuple[str, int, int, str]:
+                   ) -> tuple[str, int, int, str | None]:
         chat, extra = self._variant({**params, **({} if seed is None else {"seed": seed})})
         call_kwargs = {**extra, **kwargs}
         if stop:
@@ -337,7 +338,7 @@ class LangChainBackend:
                 raise BackendError("structured output returned nothing", model=self.identity)
             text = _text(raw)
         prompt_tokens, completion_tokens = _usage(raw) if raw is not None else (0, 0)
-        return text, prompt_tokens, completion_tokens, _finish_reason(raw) if raw is not None else ""
+        return text, prompt_tokens, completion_tokens, _finish_reason(raw) if raw is not None else None
 
     def _variant(self, params: dict[str, Any]) -> tuple[BaseChatModel, dict[str, Any]]:
         """The model with the sampling params it has fields for; the rest become invocation kwargs."""

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from retort.backends.base import Completion, Request, backend_options
+from retort.backends.base import Completion, Malformed, Request, backend_options, decode_chat
 from retort.errors import BackendError, NotFoundError, UserError
 
 if TYPE_CHECKING:
@@ -178,14 +178,16 @@ class LocalBackend:
 
     async def complete(self, request: Request) -> Completion:
         results = await self._in_worker(self._generate, self._calls(request))
-        choices = [r["choices"][0] for r in results]
-        usages = [r.get("usage") or {} for r in results]
+        try:  # llama-cpp-python answers in the OpenAI format: the same decoding as a server's reply
+            samples = [decode_chat(r, 1) for r in results]
+        except Malformed as e:
+            raise BackendError(f"llama.cpp returned {e}", model=self.identity) from None
         return Completion(
-            texts=[c["message"].get("content") or "" for c in choices],
+            texts=[t for s in samples for t in s.texts],
             # The same prompt each time: count it once, as a server answering `n` would.
-            prompt_tokens=usages[0].get("prompt_tokens") or 0,
-            completion_tokens=sum(u.get("completion_tokens") or 0 for u in usages),
-            finish_reasons=[c.get("finish_reason") or "" for c in choices])
+            prompt_tokens=samples[0].prompt_tokens,
+            completion_tokens=sum(s.completion_tokens for s in samples),
+            finish_reasons=[r for s in samples for r in s.finish_reasons or [None]])
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Mean-pooled embeddings from the same GGUF, loaded a second time with embedding=True."""

@@ -4,7 +4,9 @@
     OpenAIBackend("Qwen/Qwen2.5-7B-Instruct", base_url="http://gpu1:8000/v1",
                   extra_body={"top_k": 20})
 
-Three transports speak the same wire format and build Completions with the same code:
+Three transports speak the same wire format, and every reply of each is decoded by the same
+function (`decode_chat`/`decode_embeddings` in backends/base.py, through `_decode`): a
+well-typed Completion, or that row's BackendError quoting the server's words in one line.
 
 - "fast": retort's own keep-alive HTTP/1.1 client (`retort.backends.wire`, docs/http.md),
   orjson both ways. About half the CPU per request of a bare aiohttp loop, so one client
@@ -29,18 +31,20 @@ from __future__ import annotations
 import email.utils
 import functools
 import hashlib
+import html
 import inspect
 import os
+import re
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import aiohttp
 import orjson
 
-from retort.backends.base import Completion, Request, backend_options
+from retort.backends.base import Completion, Malformed, Request, backend_options, decode_chat, decode_embeddings
 from retort.backends.wire import Pool, ResponseTooLarge
 from retort.errors import BackendError, EndpointUnreachable, SpecError, UserError
 
@@ -48,7 +52,13 @@ if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
 Transport = Literal["auto", "fast", "aiohttp", "sdk"]
+T = TypeVar("T")
 
+QUOTED = 300  # characters of a server's reply quoted in an error message
+HEAD = 64 * 1024  # bytes of a reply read for those words (an HTML page's text can follow a long <head>)
+MAX_PARSED_ERROR = 1 << 20  # an error body larger than this is quoted, not parsed for its message
+_SCRIPTS = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_MARKUP = re.compile(r"<[^>]*>")
 CHECK_TIMEOUT = 3.0  # seconds; preflight should fail fast, not hang on a black-holed host
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -89,25 +99,42 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 def _error_message(status: int, content: bytes) -> str:
-    """The server's own words: OpenAI and vLLM nest them in "error", FastAPI servers in "detail"."""
+    """The server's own words, at most a line: OpenAI and vLLM nest them in "error", FastAPI servers in
+    "detail"; an HTML error page gives its text. Bodies can be megabytes, so only the head is read."""
     try:
-        data = orjson.loads(content)
+        data = orjson.loads(content) if len(content) <= MAX_PARSED_ERROR else None
     except orjson.JSONDecodeError:
         data = None
     if isinstance(data, dict):
         error = data.get("error")
         if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
+            return _clip(str(error["message"]), len(content))
         for candidate in (error, data.get("message"), data.get("detail")):
             if isinstance(candidate, str) and candidate:
-                return candidate
-    text = content.decode("utf-8", "replace").strip()
+                return _clip(candidate, len(content))
+    text = _clip(_text_of(content[:HEAD]), len(content))
     if text:
-        return text[:300]
+        return text
     try:
         return HTTPStatus(status).phrase
     except ValueError:
         return "error"
+
+
+def _text_of(head: bytes) -> str:
+    """The start of a body as one line of text: an HTML page by its text, not its markup."""
+    text = head.decode("utf-8", "replace")
+    if text.lstrip()[:1] == "<":
+        text = html.unescape(_MARKUP.sub(" ", _SCRIPTS.sub(" ", text)))
+    return " ".join(text.split())
+
+
+def _clip(text: str, size: int) -> str:
+    """At most QUOTED characters of a server's words, saying how long the whole body was when cut."""
+    words = " ".join(text[:HEAD].split())
+    if len(words) <= QUOTED and size <= HEAD:
+        return words
+    return f"{words[:QUOTED].rstrip()}… ({size:,} bytes)"
 
 
 def _proxy_configured() -> bool:
@@ -206,16 +233,7 @@ class OpenAIBackend:
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Vectors for `texts` from `/v1/embeddings` (vLLM and llama.cpp's server serve it), and the tokens used."""
         content = await self._send({"model": self.model, "input": texts, **self.extra_body}, "/embeddings")
-        try:
-            data = orjson.loads(content)
-            rows = sorted(data["data"], key=lambda d: d.get("index", 0))
-            vectors = [[float(x) for x in row["embedding"]] for row in rows]
-            tokens = int((data.get("usage") or {}).get("prompt_tokens") or 0)
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise self._error(f"malformed embeddings response: {_error_message(200, content)}") from None
-        if len(vectors) != len(texts):
-            raise self._error(f"server returned {len(vectors)} embeddings for {len(texts)} inputs")
-        return vectors, tokens
+        return self._decode(content, lambda data: decode_embeddings(data, len(texts)))
 
     async def _send(self, body: dict[str, Any], path: str = "/chat/completions") -> bytes:
         """POST to one replica: the healthy one with the fewest requests outstanding.
@@ -327,21 +345,24 @@ class OpenAIBackend:
         return body
 
     def _completion(self, content: bytes, n: int) -> Completion:
+        return self._decode(content, lambda data: decode_chat(data, n))
+
+    def _decode(self, content: bytes, decode: Callable[[Any], T]) -> T:
+        """Every 200 reply of every transport passes here: a well-typed result, or this row's failure with the
+        server's words. A 200 that is not what was asked for (a proxy's page, an error object, a cut-off
+        body) is not retried: the same request would most likely get the same answer."""
         try:
             data = orjson.loads(content)
-            choices = sorted(data["choices"], key=lambda c: c.get("index", 0))[:n]
-            texts = [(c.get("message") or {}).get("content") or "" for c in choices]
-            finish_reasons = [c.get("finish_reason") or "" for c in choices]
-            usage = data.get("usage") or {}
-            prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            completion_tokens = int(usage.get("completion_tokens") or 0)
-        except (orjson.JSONDecodeError, KeyError, AttributeError, TypeError, ValueError):
-            # A 200 that is not a chat completion (a proxy's error page, an error object): not worth retrying.
-            raise self._error(f"malformed response: {_error_message(200, content)}") from None
-        if not texts:
-            raise self._error("server returned no choices")
-        return Completion(texts=texts, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                          finish_reasons=finish_reasons)
+        except orjson.JSONDecodeError as e:
+            if not content.strip():
+                raise self._error("malformed response: an empty body") from None
+            # Where JSON breaks off says something about a cut-off reply; about an HTML page, nothing.
+            detail = f" ({e})" if content.lstrip()[:1] in (b"{", b"[") else ""
+            raise self._error(f"malformed response, not JSON{detail}: {_error_message(200, content)}") from None
+        try:
+            return decode(data)
+        except Malformed as e:
+            raise self._error(f"malformed response, {e}: {_error_message(200, content)}") from None
 
     @staticmethod
     def _model_ids(content: bytes) -> list[str] | None:
@@ -462,7 +483,7 @@ def _merge(parts: list[Completion]) -> Completion:
     return Completion(texts=[t for p in parts for t in p.texts],
                       prompt_tokens=sum(p.prompt_tokens for p in parts),
                       completion_tokens=sum(p.completion_tokens for p in parts),
-                      finish_reasons=[r for p in parts for r in (p.finish_reasons or [""] * len(p.texts))])
+                      finish_reasons=[r for p in parts for r in (p.finish_reasons or [None] * len(p.texts))])
 
 
 def from_config(config: dict[str, Any]) -> OpenAIBackend:

@@ -85,7 +85,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from retort.backends.base import Completion, Request, backend_options
+from retort.backends.base import Completion, Request, backend_options, reason_text
 from retort.errors import BackendError, RetortError, SpecError, UserError
 
 if TYPE_CHECKING:
@@ -358,12 +358,12 @@ class VLLMBackend:
         samples = sorted(output.outputs, key=lambda o: o.index)[:prompt.n]
         if len(samples) < prompt.n:
             return self._error(f"vLLM returned {len(samples)} of {prompt.n} samples")
-        reasons = [str(s.finish_reason or "") for s in samples]
+        reasons = [reason_text(s.finish_reason) for s in samples]  # str or None, as every backend's
         if "error" in reasons:  # vLLM: "a retryable request-level internal error"
             return self._error("vLLM finished the request with an internal error", retryable=True)
         copies = prompt.copies
         return Completion(
-            texts=[s.text for s in samples for _ in range(copies)],
+            texts=[s.text or "" for s in samples for _ in range(copies)],
             prompt_tokens=len(output.prompt_token_ids or ()),  # the prompt is shared by the n samples: once
             completion_tokens=sum(len(s.token_ids) for s in samples) * copies,
             finish_reasons=[r for r in reasons for _ in range(copies)])
