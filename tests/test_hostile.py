@@ -72,8 +72,9 @@ def run(workspace: Path) -> tuple[int, dict[str, Any], str]:
 
 
 def outcome(workspace: Path, run_id: int) -> tuple[int, list[tuple[Any, ...]]]:
-    """Rows in the latest `ask` table, and this run's failures (status, error)."""
-    rows = db_rows(workspace, "SELECT count(*) FROM main.ask")[0][0]
+    """Rows in this run's `ask` table (a run with failures is kept by number, not made the latest),
+    and this run's failures (status, error)."""
+    rows = db_rows(workspace, f"SELECT count(*) FROM run_{run_id}.ask")[0][0]
     return rows, db_rows(workspace, f"SELECT status, error FROM failures WHERE run_id = {run_id}")
 
 
@@ -106,7 +107,7 @@ def test_every_row_ends_in_the_table_or_in_failures(workspace: Path, server: Hos
         assert all(WORDS[mode] in error for _, error in failures), failures[:1]
     assert all(len(error) < 600 for _, error in failures)  # the server's words, cut to a line (10 MB bodies too)
     assert {status for status, _ in failures} <= {None, 502, 429}
-    check_values(workspace, mode)
+    check_values(workspace, mode, summary["run_id"])
 
     server.reset("good")
     code, summary, stderr = run(workspace)
@@ -115,9 +116,9 @@ def test_every_row_ends_in_the_table_or_in_failures(workspace: Path, server: Hos
     assert outcome(workspace, summary["run_id"]) == (ROWS, [])
 
 
-def check_values(workspace: Path, mode: str) -> None:
+def check_values(workspace: Path, mode: str, run_id: int) -> None:
     """What the stage table and the `calls` ledger hold for the shapes that are kept."""
-    texts = dict(db_rows(workspace, "SELECT text, ask FROM main.ask"))
+    texts = dict(db_rows(workspace, f"SELECT text, ask FROM run_{run_id}.ask"))
     reasons = {r for (r,) in db_rows(workspace, "SELECT DISTINCT finish_reason FROM calls")}
     if mode == "parts":
         assert texts == {f"question {i}": reply_text(prompt(i)) for i in range(ROWS)}
