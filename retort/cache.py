@@ -52,6 +52,7 @@ from retort.errors import CacheError, NotFoundError
 
 FLUSH_SECONDS = 1.0
 FLUSH_ROWS = 50_000
+SLICE = 1_024  # buffered rows are converted to Arrow this many at a time: a few ms of the event loop each
 KEEP_RUNS = 20
 WRITE_ATTEMPTS = 3  # a write that fails this many times in a row fails the run
 RESERVED_SCHEMAS = frozenset({"main", "temp", "information_schema", "pg_catalog", "system"})
@@ -60,14 +61,14 @@ CALL_FIELDS = [
     ("key", pa.string()), ("model", pa.string()), ("request", pa.string()),
     ("sample", pa.int32()), ("attempt", pa.int32()), ("text", pa.string()), ("finish_reason", pa.string()),
     ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("latency_ms", pa.float64()),
-    ("run_id", pa.int32()), ("stage", pa.string()), ("created_at", pa.timestamp("us")),
+    ("run_id", pa.int32()), ("stage", pa.string()), ("k", pa.int64()), ("created_at", pa.timestamp("us")),
 ]
 CALL_SCHEMA = pa.schema(CALL_FIELDS)
 
 DDL = """
 CREATE TABLE IF NOT EXISTS calls (key VARCHAR, model VARCHAR, request JSON, sample INTEGER,
     attempt INTEGER, text VARCHAR, finish_reason VARCHAR, prompt_tokens BIGINT, completion_tokens BIGINT,
-    latency_ms DOUBLE, run_id INTEGER, stage VARCHAR, created_at TIMESTAMP);
+    latency_ms DOUBLE, run_id INTEGER, stage VARCHAR, created_at TIMESTAMP, k BIGINT);
 CREATE TABLE IF NOT EXISTS embeddings (key VARCHAR, model VARCHAR, text VARCHAR, vector FLOAT[],
     tokens BIGINT, run_id INTEGER, created_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS runs (run_id INTEGER, pipeline VARCHAR, spec_path VARCHAR, spec_hash VARCHAR,
@@ -86,6 +87,17 @@ MIGRATIONS = {
     ("calls", "completion_tokens"): "ALTER TABLE calls ALTER completion_tokens TYPE BIGINT",
     ("embeddings", "tokens"): "ALTER TABLE embeddings ALTER tokens TYPE BIGINT",
 }
+
+
+KEY_PREFIX_SQL = "('0x' || left(key, 15))::BIGINT"
+
+
+def key_prefix(key: str) -> int:
+    """The first 60 bits of a call key as an integer: what look-ups filter on. DuckDB filters a BIGINT
+    column inside its scan and reads the other columns only for the rows that pass, so a look-up
+    costs a few tens of ms even with 10 million calls cached (a join on the 64-character key read
+    every key and text: 0.7-1.5 s there). Equal prefixes are told apart by the whole key."""
+    return int(key[:15], 16)
 
 
 def request_base(model: str, messages: list[dict[str, str]], params: dict[str, Any],
@@ -122,18 +134,22 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-@dataclass
+@dataclass(eq=False)
 class _Batch:
-    """Buffered writes, taken from the buffers together and committed ledger first."""
+    """Buffered writes as Arrow tables, committed ledger first (calls, vectors, failures), then rows.
+    Built on the event loop's thread when taken (a short, bounded stall), so the writer thread only
+    runs DuckDB, which releases the GIL: a writer building Python objects would hold up the loop."""
 
-    calls: list[tuple[Any, ...]] = field(default_factory=list)
-    vectors: list[tuple[Any, ...]] = field(default_factory=list)
-    failures: list[tuple[Any, ...]] = field(default_factory=list)
-    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    calls: pa.Table | None = None
+    vectors: pa.Table | None = None
+    failures: pa.Table | None = None
+    rows: dict[str, list[pa.Table]] = field(default_factory=dict)  # per stage table, its slices in order
+    keys: list[str] = field(default_factory=list)  # the calls' keys, forgotten by the index once committed
+    vector_keys: list[str] = field(default_factory=list)
     ledger_done: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.calls or self.vectors or self.failures or any(self.rows.values()))
+        return any(t is not None for t in (self.calls, self.vectors, self.failures)) or bool(self.rows)
 
 
 class Cache:
@@ -172,11 +188,18 @@ class Cache:
         self._lock = threading.Lock()  # every write to the file holds it
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writing: concurrent.futures.Future[None] | None = None
+        self._flushing = False  # a flush_async is running
         self._wcon: duckdb.DuckDBPyConnection | None = None
         self._pending: list[_Batch] = []  # taken from the buffers, not yet committed
         self._write_errors = 0
         self._broken: CacheError | None = None
+        # Buffers: what came in since the last slice, and the slices already converted to Arrow (every
+        # SLICE rows, so converting never holds the event loop for long; see _Batch).
         self._calls: list[tuple[Any, ...]] = []
+        self._call_slices: list[pa.Table] = []
+        self._call_keys: list[str] = []
+        self._row_slices: dict[str, list[pa.Table]] = {}
+        self._buffered = 0  # rows and calls in the buffers, raw or converted
         self._call_index: dict[str, tuple[str, int, int]] = {}
         self._rows: dict[str, list[dict[str, Any]]] = {}
         self._created: set[str] = set()
@@ -197,6 +220,9 @@ class Cache:
         for (table, col), statement in MIGRATIONS.items():
             if types.get((table, col), "BIGINT") != "BIGINT":
                 self.con.execute(statement)
+        if ("calls", "k") not in types:  # the look-up column (see `lookup`), for files written before it
+            self.con.execute("ALTER TABLE calls ADD COLUMN k BIGINT")
+            self.con.execute(f"UPDATE calls SET k = {KEY_PREFIX_SQL}")
         if ("runs", "namespace") not in types:
             self.con.execute("ALTER TABLE runs ADD COLUMN namespace VARCHAR")
             self.con.execute("UPDATE runs SET namespace = pipeline")
@@ -508,28 +534,46 @@ class Cache:
 
     def lookup(self, keys: list[str]) -> dict[str, tuple[str, int, int]]:
         """key → (text, prompt_tokens, completion_tokens) for the keys already cached."""
-        index = self._call_index
-        found = {k: index[k] for k in keys if k in index}
+        index = self._call_index  # calls not yet committed (a writer may pop committed ones meanwhile)
+        found = {}
+        for k in keys:
+            hit = index.get(k)
+            if hit is not None:
+                found[k] = hit
         if len(found) == len(keys):
             return found
-        batch = pa.table({"key": pa.array(keys, pa.string())})
-        self.con.register("_lookup", batch)
-        try:
-            cols = self.con.sql("SELECT c.key, c.text, coalesce(c.prompt_tokens, 0) AS p, "
-                                "coalesce(c.completion_tokens, 0) AS c "
-                                "FROM calls c SEMI JOIN _lookup l ON c.key = l.key").to_arrow_table().to_pydict()
-        finally:
-            self.con.unregister("_lookup")
-        found.update(zip(cols["key"], zip(cols["text"], cols["p"], cols["c"], strict=True), strict=True))
+        wanted = {k for k in keys if k not in found}
+        rows = self.con.execute(
+            "SELECT key, text, coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0) FROM calls "
+            "WHERE k = ANY($1::BIGINT[])", [[key_prefix(k) for k in wanted]]).fetchall()
+        found.update((key, (text, p, c)) for key, text, p, c in rows if key in wanted)
         return found
+
+    async def lookup_async(self, keys: list[str]) -> dict[str, tuple[str, int, int]]:
+        """`lookup` on a thread, so the event loop keeps sending requests meanwhile. Only the caller's
+        task may use this connection until it returns (a prompt stage's chunk loop is the only one)."""
+        import asyncio
+
+        return await asyncio.to_thread(self.lookup, keys)
 
     def add_call(self, key: str, model: str, request: bytes, sample: int, attempt: int, text: str,
                  finish_reason: str | None, prompt_tokens: int, completion_tokens: int, latency_ms: float,
                  run_id: int, stage: str) -> None:
         """`request` is the canonical JSON the key hashes (model, messages, params, schema)."""
         self._calls.append((key, model, request.decode(), sample, attempt, text, finish_reason, prompt_tokens,
-                            completion_tokens, latency_ms, run_id, stage, None))
+                            completion_tokens, latency_ms, run_id, stage, key_prefix(key), None))
         self._call_index[key] = (text, prompt_tokens, completion_tokens)
+        self._call_keys.append(key)
+        self._buffered += 1
+        if len(self._calls) >= SLICE:
+            self._slice_calls()
+
+    def _slice_calls(self) -> None:
+        cols = list(zip(*self._calls, strict=True))
+        arrays = [pa.array(col, type=f[1]) for col, f in zip(cols[:-1], CALL_FIELDS[:-1], strict=True)]
+        now = pa.array([time.time_ns() // 1000] * len(self._calls), pa.timestamp("us"))
+        self._call_slices.append(pa.Table.from_arrays([*arrays, now], schema=CALL_SCHEMA))
+        self._calls = []
 
     def lookup_embeddings(self, keys: list[str]) -> dict[str, list[float]]:
         found = {k: self._vector_index[k] for k in keys if k in self._vector_index}
@@ -557,9 +601,19 @@ class Cache:
 
     def add_rows(self, table: str, rows: list[dict[str, Any]], types: dict[str, pa.DataType] | None = None) -> None:
         """Buffer stage rows; `types` pins columns whose type the rows alone may not show (all-null vectors)."""
-        self._rows.setdefault(table, []).extend(rows)
         if types:
             self._types[table] = types
+        buffered = self._rows.setdefault(table, [])
+        buffered.extend(rows)
+        self._buffered += len(rows)
+        if len(buffered) >= SLICE:
+            self._slice_rows(table)
+
+    def _slice_rows(self, table: str) -> None:
+        rows = self._rows.pop(table, [])
+        if rows:
+            self._row_slices.setdefault(table, []).append(
+                table_from_rows(rows, lenient=True, types=self._types.get(table)))
 
     def write_table(self, table: str, data: pa.Table) -> None:
         """Create or replace a whole table from Arrow (input tables, SQL and Python stage results)."""
@@ -572,6 +626,7 @@ class Cache:
         self._created.discard(table)
         self._columns.pop(table, None)
         self._rows.pop(table, None)
+        self._row_slices.pop(table, None)
 
     @contextlib.contextmanager
     def _writes(self) -> Iterator[None]:
@@ -587,9 +642,9 @@ class Cache:
     def maybe_flush(self) -> None:
         """Start a group commit on the writer thread when one is due; never waits for it."""
         self._check_writes()
-        if self._writing is not None:
+        if self._writing is not None or self._flushing:
             return
-        pending = len(self._calls) + len(self._vectors) + sum(len(r) for r in self._rows.values())
+        pending = self._buffered + len(self._vectors) + len(self._failures)
         if pending >= FLUSH_ROWS or (pending and time.monotonic() - self.last_flush >= FLUSH_SECONDS):
             self._take()
             self.last_flush = time.monotonic()
@@ -602,6 +657,16 @@ class Cache:
             if self._wcon is None:
                 self._wcon = self.con.cursor()  # the writer thread's own connection to the same database
             self._writing = self._writer.submit(self._write_pending, self._wcon)
+
+    async def flush_async(self) -> None:
+        """`flush` on a thread: the event loop is not held while the last rows of a stage commit."""
+        import asyncio
+
+        self._flushing = True  # the ticker's maybe_flush stays out of the way meanwhile
+        try:
+            await asyncio.to_thread(self.flush)
+        finally:
+            self._flushing = False
 
     def flush(self) -> None:
         """Commit everything buffered, on this thread, before returning (a stage boundary, the end)."""
@@ -630,30 +695,58 @@ class Cache:
             self._settle(self._writing.exception())
 
     def _take(self) -> None:
-        batch = _Batch(self._calls, self._vectors, self._failures, self._rows)
-        self._calls, self._vectors, self._failures, self._rows = [], [], [], {}
-        if batch:
-            self._pending.append(batch)
+        """Move the buffers into a batch of Arrow tables (most of them converted already, slice by slice)."""
+        if self._calls:
+            self._slice_calls()
+        for table in list(self._rows):
+            self._slice_rows(table)
+        vectors, failures = self._vectors, self._failures
+        if not (self._call_slices or vectors or failures or self._row_slices):
+            return
+        now = pa.array([time.time_ns() // 1000] * max(len(vectors), len(failures), 1), pa.timestamp("us"))
+        batch = _Batch(keys=self._call_keys, vector_keys=[v[0] for v in vectors], rows=self._row_slices)
+        if self._call_slices:
+            batch.calls = pa.concat_tables(self._call_slices)
+        if vectors:
+            cols = list(zip(*vectors, strict=True))
+            batch.vectors = pa.table({
+                "key": pa.array(cols[0], pa.string()), "model": pa.array(cols[1], pa.string()),
+                "text": pa.array(cols[2], pa.string()), "vector": pa.array(cols[3], pa.list_(pa.float32())),
+                "tokens": pa.array(cols[4], pa.int64()), "run_id": pa.array(cols[5], pa.int32()),
+                "created_at": now[:len(vectors)]})
+        if failures:
+            f = failures
+            batch.failures = pa.table({
+                "run_id": pa.array([x[0] for x in f], pa.int32()), "stage": pa.array([x[1] for x in f], pa.string()),
+                "row_id": pa.array([x[2] for x in f], pa.string()),
+                "call_key": pa.array([x[3] for x in f], pa.string()),
+                "error": pa.array([x[4] for x in f], pa.string()),
+                "status": pa.array([x[5] if isinstance(x[5], int) and -2**31 <= x[5] < 2**31 else None for x in f],
+                                   pa.int32()),
+                "created_at": now[:len(f)]})
+        self._call_slices, self._call_keys, self._row_slices = [], [], {}
+        self._vectors, self._failures, self._buffered = [], [], 0
+        self._pending.append(batch)
 
     def _settle(self, exc: BaseException | None) -> None:
         """On the caller's thread, after a write: forget what was committed, or count the failure.
         Batches that failed stay queued, in order, for the next write."""
         self._writing = None
-        done = [b for b in self._pending if b.ledger_done and not any(b.rows.values())]
+        done = [b for b in self._pending if b.ledger_done and not b.rows]
         for batch in done:
-            self.flushed_calls += len(batch.calls)
-            for call in batch.calls:  # flushed calls are found by SQL now; keep the in-memory index small
-                self._call_index.pop(call[0], None)
-            for vector in batch.vectors:
-                self._vector_index.pop(vector[0], None)
-        self._pending = [b for b in self._pending if b not in done]
+            self.flushed_calls += len(batch.keys)
+            for key in batch.keys:  # flushed calls are found by SQL now; keep the in-memory index small
+                self._call_index.pop(key, None)
+            for key in batch.vector_keys:
+                self._vector_index.pop(key, None)
+        self._pending = [b for b in self._pending if not any(b is d for d in done)]
         if exc is None:
             self._write_errors = 0
             return
         self._write_errors += 1
         if self._write_errors >= WRITE_ATTEMPTS:
-            calls = sum(len(b.calls) for b in self._pending if not b.ledger_done)
-            rows = sum(len(r) for b in self._pending for r in b.rows.values())
+            calls = sum(len(b.keys) for b in self._pending if not b.ledger_done)
+            rows = sum(t.num_rows for b in self._pending for slices in b.rows.values() for t in slices)
             self._broken = CacheError(f"cannot write to {self.path} ({WRITE_ATTEMPTS} attempts): "
                                       f"{type(exc).__name__}: {exc}; {calls} calls and {rows} stage rows are "
                                       "not saved")
@@ -667,7 +760,7 @@ class Cache:
                 with self._lock:
                     self._commit(con, lambda b=batch: self._write_ledger(con, b))
                 batch.ledger_done = True
-            if any(batch.rows.values()):
+            if batch.rows:
                 with self._lock:
                     self._commit(con, lambda b=batch: self._write_rows(con, b))
                 batch.rows = {}
@@ -683,34 +776,14 @@ class Cache:
             raise
 
     def _write_ledger(self, con: duckdb.DuckDBPyConnection, batch: _Batch) -> None:
-        now = pa.array([time.time_ns() // 1000], pa.timestamp("us"))[0]
-        if batch.calls:
-            cols = list(zip(*batch.calls, strict=True))
-            arrays = [pa.array(col, type=f[1]) for col, f in zip(cols[:-1], CALL_FIELDS[:-1], strict=True)]
-            arrays.append(pa.array([now.value] * len(batch.calls), pa.timestamp("us")))
-            self._insert(con, "calls", pa.Table.from_arrays(arrays, schema=CALL_SCHEMA))
-        if batch.vectors:
-            cols = list(zip(*batch.vectors, strict=True))
-            self._insert(con, "embeddings", pa.table({
-                "key": pa.array(cols[0], pa.string()), "model": pa.array(cols[1], pa.string()),
-                "text": pa.array(cols[2], pa.string()), "vector": pa.array(cols[3], pa.list_(pa.float32())),
-                "tokens": pa.array(cols[4], pa.int64()), "run_id": pa.array(cols[5], pa.int32()),
-                "created_at": pa.array([now.value] * len(batch.vectors), pa.timestamp("us"))}))
-        if batch.failures:
-            f = batch.failures
-            self._insert(con, "failures", pa.table({
-                "run_id": pa.array([x[0] for x in f], pa.int32()), "stage": pa.array([x[1] for x in f], pa.string()),
-                "row_id": pa.array([x[2] for x in f], pa.string()),
-                "call_key": pa.array([x[3] for x in f], pa.string()),
-                "error": pa.array([x[4] for x in f], pa.string()),
-                "status": pa.array([x[5] if isinstance(x[5], int) and -2**31 <= x[5] < 2**31 else None for x in f],
-                                   pa.int32()),
-                "created_at": pa.array([now.value] * len(f), pa.timestamp("us"))}))
+        for table, data in (("calls", batch.calls), ("embeddings", batch.vectors), ("failures", batch.failures)):
+            if data is not None:
+                self._insert(con, table, data)
 
     def _write_rows(self, con: duckdb.DuckDBPyConnection, batch: _Batch) -> None:
-        for table, rows in batch.rows.items():
-            if rows:
-                self._insert(con, table, table_from_rows(rows, lenient=True, types=self._types.get(table)))
+        for table, slices in batch.rows.items():
+            for data in slices:  # each slice may widen the table's types (see _append)
+                self._insert(con, table, data)
 
     def _insert(self, con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
         if table in ("calls", "failures", "embeddings"):

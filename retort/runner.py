@@ -632,7 +632,7 @@ class Runner:
         self.cache.drop_table(out_table)
         exec_ = _PromptExecution(self, stage, stats, template, parser, out_table, columns)
         await exec_.run(data)
-        self.cache.flush()  # the next stage reads this table: every row of it, not the last flush's
+        await self.cache.flush_async()  # the next stage reads this table: every row of it, not the last flush's
         if not self.cache.table_exists(self.schema, stage.name):  # no row came out: keep the shape
             new = ", ".join(f'NULL::VARCHAR AS "{c}"' for c in (*LINEAGE, *parser.columns) if c not in columns
                             or c in LINEAGE)
@@ -967,7 +967,9 @@ class _PromptExecution:
                 reask = [call_key(job.base, i, a) for job in jobs for i in samples
                          for a in range(1, stage.reask + 1)] if stage.reask and not self.r.dry else []
                 self.settled.clear()
-                found = self.r.cache.lookup(keys + reask)
+                # A dry run's placeholder tables live on this connection's session: look up in place.
+                found = self.r.cache.lookup(keys + reask) if self.r.dry else \
+                    await self.r.cache.lookup_async(keys + reask)
                 self.prefetched = {k: found[k] for k in reask if k in found}
                 for j, job in enumerate(jobs):
                     missing = []
