@@ -6,6 +6,11 @@
 In a pipeline: `backend: scripted` with `replies: [...]` or `function: module:attr`.
 A function may return a string, a list of `n` strings, or raise BackendError to
 simulate a failed call.
+
+The identity (what enters every cache key and stage fingerprint) is `scripted:NAME`; a
+model entry with `function:` adds the function and a digest of its code (its module and
+the workspace modules that one imports), so that another function, or an edited one, is
+another model: its calls are made, not answered from the cache.
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ class ScriptedBackend:
     def __init__(self, replies: Iterable[str] | None = None,
                  function: Callable[[Request], Reply] | None = None, *,
                  name: str = "scripted", cycle: bool = False, max_concurrency: int = 64,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, identity: str | None = None) -> None:
         if (replies is None) == (function is None):
             raise ValueError("ScriptedBackend takes replies or a function, not both")
-        self.identity = f"scripted:{name}"
+        self.identity = identity or f"scripted:{name}"
         self.max_concurrency = max_concurrency
         self.delay = delay
         self.calls: list[Request] = []  # every request seen, for assertions in tests
@@ -85,10 +90,15 @@ def echo(request: Request) -> str:
 
 
 def from_config(config: dict[str, Any]) -> ScriptedBackend:
-    from retort.workspace import import_object
+    from retort.workspace import code_digest, import_object
 
-    fn = import_object(config["function"], config.get("workspace")) if config.get("function") else None
-    return ScriptedBackend(replies=config.get("replies"), function=fn, name=config.get("name", "scripted"),
+    name = config.get("name", "scripted")
+    fn, identity = None, config.get("identity")
+    if config.get("function"):
+        ref = config["function"]
+        fn = import_object(ref, config.get("workspace"))
+        identity = identity or f"scripted:{name}:{ref}@{code_digest(fn)}"
+    return ScriptedBackend(replies=config.get("replies"), function=fn, name=name, identity=identity,
                            cycle=bool(config.get("cycle", False)),
                            max_concurrency=int(config.get("max_concurrency") or 64),
                            delay=float(config.get("delay") or 0.0))
