@@ -26,12 +26,9 @@ compiled once, in `build_parser`.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -497,13 +494,11 @@ def _build_answer(options: dict[str, Any], output: str, where: str, workspace: W
 
 
 def _source_digest(obj: Any) -> str:
-    """The code behind a parse function or model: its whole module file, since helpers it calls count too."""
-    try:
-        file = inspect.getsourcefile(obj)
-        source = Path(file).read_bytes() if file else inspect.getsource(obj).encode()
-    except (OSError, TypeError):  # a builtin, or defined in a REPL
-        source = getattr(obj, "__qualname__", repr(obj)).encode()
-    return hashlib.sha256(source).hexdigest()[:16]
+    """The code behind a parse function or model, as it was executed: its module, and the workspace
+    modules that one imports, since helpers it calls count too."""
+    from retort.workspace import code_digest
+
+    return code_digest(obj)
 
 
 def _build_function(options: dict[str, Any], output: str, where: str, workspace: Workspace | None) -> Parser:

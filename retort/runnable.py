@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
-from langchain_core.language_models import BaseChatModel
-from langchain_core.runnables import Runnable, RunnableConfig
 
 from retort import backends
 from retort.backends.base import Backend
@@ -45,6 +43,14 @@ from retort.errors import BackendError, DatasetError, NotFoundError, RetortError
 from retort.runner import LINEAGE, Runner, RunResult
 from retort.spec import load_pipeline
 from retort.workspace import Workspace
+
+try:  # an extra: retort[langchain]
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.runnables import Runnable, RunnableConfig
+except ModuleNotFoundError as exc:
+    if (exc.name or "").partition(".")[0] != "langchain_core":
+        raise
+    raise ModuleNotFoundError(backends.LANGCHAIN_MISSING, name=exc.name) from None
 
 Row = dict[str, Any]
 RowInput = Row | list[Row]

@@ -11,11 +11,15 @@ import os
 from typing import Any
 
 from retort.backends.base import Backend, Completion, Request
-from retort.errors import BackendError
+from retort.errors import BackendError, UserError
 
 __all__ = ["Backend", "Completion", "Request", "create", "parse_target"]
 
 MODULES = {"local": "local", "openai": "openai", "scripted": "scripted", "vllm": "vllm", "langchain": "langchain"}
+
+# An optional integration is an extra; each says which one when its package is missing.
+# (The local and vllm backends import their packages when they load a model, with their own hints.)
+LANGCHAIN_MISSING = 'the LangChain integration needs langchain-core: pip install "retort[langchain]"'
 
 
 def create(name: str, config: dict[str, Any], workspace: Any = None) -> Backend:
@@ -28,7 +32,12 @@ def create(name: str, config: dict[str, Any], workspace: Any = None) -> Backend:
     if allowed and kind not in allowed.split(","):
         raise BackendError(f"backend {kind!r} is disabled here (RETORT_ALLOWED_BACKENDS={allowed}); "
                            "tests that need it say so with a marker", model=name)
-    module = importlib.import_module(f"retort.backends.{MODULES[kind]}")
+    try:
+        module = importlib.import_module(f"retort.backends.{MODULES[kind]}")
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "langchain_core":
+            raise
+        raise UserError(LANGCHAIN_MISSING) from None
     return module.from_config(config)  # type: ignore[no-any-return]
 
 

@@ -48,17 +48,24 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.exceptions import OutputParserException
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, HumanMessage, SystemMessage
-from langchain_core.outputs import LLMResult
-from langchain_core.runnables import Runnable
 from pydantic import BaseModel, SecretBytes, SecretStr
 
+from retort.backends import LANGCHAIN_MISSING
 from retort.backends.base import Completion, Request, backend_options, content_text, reason_text, token_count
 from retort.errors import BackendError, NotFoundError, SpecError, UserError
 from retort.workspace import Workspace, import_object
+
+try:  # an extra: retort[langchain]
+    from langchain_core.callbacks import BaseCallbackHandler
+    from langchain_core.exceptions import OutputParserException
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, HumanMessage, SystemMessage
+    from langchain_core.outputs import LLMResult
+    from langchain_core.runnables import Runnable
+except ModuleNotFoundError as exc:
+    if (exc.name or "").partition(".")[0] != "langchain_core":
+        raise
+    raise ModuleNotFoundError(LANGCHAIN_MISSING, name=exc.name) from None
 
 Factory = str | BaseChatModel | Callable[..., BaseChatModel]
 
