@@ -116,7 +116,8 @@ def lag(rows: int, workdir: Path) -> dict[str, float]:
         stop = asyncio.Event()
         watcher = asyncio.create_task(watch(stop))
         runner = Runner(Workspace(ws), pipeline, source, cache,
-                        backend_factory=lambda name, config: ScriptedBackend(function=reply, max_concurrency=64))
+                        backend_factory=lambda name, config: ScriptedBackend(function=reply, max_concurrency=64,
+                                                                             record=False))
         began = time.perf_counter()
         result = await runner.execute()
         took = time.perf_counter() - began

@@ -38,14 +38,15 @@ class ScriptedBackend:
     def __init__(self, replies: Iterable[str] | None = None,
                  function: Callable[[Request], Reply] | None = None, *,
                  name: str = "scripted", cycle: bool = False, max_concurrency: int = 64,
-                 delay: float = 0.0, identity: str | None = None) -> None:
+                 delay: float = 0.0, identity: str | None = None, record: bool = True) -> None:
         if (replies is None) == (function is None):
             raise ValueError("ScriptedBackend takes replies or a function, not both")
         self.identity = identity or f"scripted:{name}"
         self.constrains_choices = bool(getattr(function, "constrains_choices", False))
         self.max_concurrency = max_concurrency
         self.delay = delay
-        self.calls: list[Request] = []  # every request seen, for assertions in tests
+        self.calls: list[Request] = []  # every request seen, for assertions in tests (with `record`)
+        self.record = record  # off for pipelines run from a spec: a million requests kept would be a leak
         self.embedded: list[str] = []  # every text embedded
         self._function = function
         if replies is not None:
@@ -53,7 +54,8 @@ class ScriptedBackend:
             self._replies: Iterable[str] = itertools.cycle(replies) if cycle else iter(replies)
 
     async def complete(self, request: Request) -> Completion:
-        self.calls.append(request)
+        if self.record:
+            self.calls.append(request)
         if self.delay:
             await asyncio.sleep(self.delay)
         if self._function is not None:
@@ -154,4 +156,4 @@ def from_config(config: dict[str, Any]) -> ScriptedBackend:
     return ScriptedBackend(replies=config.get("replies"), function=fn, name=name, identity=identity,
                            cycle=bool(config.get("cycle", False)),
                            max_concurrency=int(config.get("max_concurrency") or 64),
-                           delay=float(config.get("delay") or 0.0))
+                           delay=float(config.get("delay") or 0.0), record=False)
