@@ -28,7 +28,7 @@ from retort.errors import DatasetError, NotFoundError, UserError
 T = TypeVar("T")
 # A path, rows as dicts, an Arrow table, or a pandas or polars DataFrame (Any: neither is a dependency).
 Input = Any
-
+Models = Mapping[str, str | Mapping[str, Any]]  # a name → a target as `--model` takes it, or a model entry
 
 @dataclass
 class Table:
@@ -81,6 +81,20 @@ class Result:
         """What each Python stage returned as numbers, by stage."""
         return {s.name: s.metrics for s in self.stages if s.metrics}
 
+    def failures(self) -> list[dict[str, Any]]:
+        """This run's failed calls and crashed stages: row_id, stage, error, status."""
+        from retort.cache import Cache
+
+        if self.run_id is None:
+            return []
+        cache = Cache(self.db, read_only=True)
+        try:
+            cur = cache.con.execute("SELECT row_id, stage, error, status FROM failures WHERE run_id = ? "
+                                    "ORDER BY created_at", [self.run_id])
+            return [dict(zip(("row_id", "stage", "error", "status"), row, strict=True)) for row in cur.fetchall()]
+        finally:
+            cache.con.close()
+
     def table(self, stage: str) -> Table:
         """This run's table `stage` (a stage's extra tables: `stage__suffix`)."""
         from retort.cache import Cache
@@ -95,7 +109,7 @@ class Result:
             cache.con.close()
 
 
-def run(pipeline: str | Path, *, input: Input | None = None, models: Mapping[str, str] | None = None,
+def run(pipeline: str | Path, *, input: Input | None = None, models: Models | None = None,
         limit: int | None = None, sample: int | None = None, seed: int = 0, set: Mapping[str, Any] | None = None,
         map: Mapping[str, str] | None = None,
         until: str | None = None, workspace: str | Path = ".", db: str | Path | None = None, reuse: bool = True,
@@ -108,7 +122,7 @@ def run(pipeline: str | Path, *, input: Input | None = None, models: Mapping[str
                           progress=progress))
 
 
-async def arun(pipeline: str | Path, *, input: Input | None = None, models: Mapping[str, str] | None = None,
+async def arun(pipeline: str | Path, *, input: Input | None = None, models: Models | None = None,
                limit: int | None = None, sample: int | None = None, seed: int = 0,
                set: Mapping[str, Any] | None = None, map: Mapping[str, str] | None = None,
                until: str | None = None, workspace: str | Path = ".", db: str | Path | None = None,
@@ -118,7 +132,7 @@ async def arun(pipeline: str | Path, *, input: Input | None = None, models: Mapp
                           max_failures, retries, progress, sample, seed)
 
 
-def plan(pipeline: str | Path, *, input: Input | None = None, models: Mapping[str, str] | None = None,
+def plan(pipeline: str | Path, *, input: Input | None = None, models: Models | None = None,
          limit: int | None = None, set: Mapping[str, Any] | None = None, map: Mapping[str, str] | None = None,
          until: str | None = None, workspace: str | Path = ".", db: str | Path | None = None) -> Result:
     """Rows, calls needed, cache hits and estimated tokens per stage (`result.stages`); nothing is
@@ -150,7 +164,7 @@ def compare(spec: str | Path, *, models: Mapping[str, str] | None = None, limit:
     return _in_thread(work) if _loop_running() else work()
 
 
-async def _execute(mode: str, pipeline: str | Path, input: Input | None, models: Mapping[str, str] | None,
+async def _execute(mode: str, pipeline: str | Path, input: Input | None, models: Models | None,
                    limit: int | None, overrides: Mapping[str, Any] | None, columns: Mapping[str, str] | None,
                    until: str | None, workspace: str | Path, db: str | Path | None, reuse: bool,
                    max_failures: int, retries: int, progress: bool, sample: int | None = None,
@@ -172,7 +186,8 @@ async def _execute(mode: str, pipeline: str | Path, input: Input | None, models:
         if until not in names:
             raise NotFoundError(f"{src.file}: no stage {until!r} (stages: {', '.join(names)})")
         spec = spec.model_copy(update={"stages": spec.stages[: names.index(until) + 1]})
-    targets = {name: backends.parse_target(target) for name, target in (models or {}).items()}
+    targets = {name: dict(target) if isinstance(target, Mapping) else backends.parse_target(target)
+               for name, target in (models or {}).items()}
     path, data = (str(input), None) if isinstance(input, (str, Path)) else (None, _arrow(input))
     cache = Cache(Path(db) if db else ws.db_path)
     shown: Any = None

@@ -28,20 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-import orjson
-
-from retort import backends
-from retort.backends.base import Backend
-from retort.cache import Cache
-from retort.errors import BackendError, DatasetError, NotFoundError, RetortError, UserError
-from retort.runner import LINEAGE, Runner, RunResult
-from retort.spec import load_pipeline
+from retort import api, backends
+from retort.errors import BackendError, NotFoundError, RetortError, UserError
+from retort.runner import LINEAGE
+from retort.spec import load_pipeline, parse_override
 from retort.workspace import Workspace
 
 try:  # an extra: retort[langchain]
@@ -104,8 +99,8 @@ class PipelineRunnable(Runnable[RowInput, list[Row]]):
                  max_failures: int = 0, max_retries: int = 5, name: str | None = None) -> None:
         self.workspace = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
         self.path = self.workspace.pipeline(str(pipeline))
-        self.overrides = list(overrides)
-        spec, _ = load_pipeline(self.path, self.overrides)  # a broken spec fails here, not at the first invoke
+        self.overrides = dict(_override(text) for text in overrides)
+        spec, _ = load_pipeline(self.path, list(overrides))  # a broken spec fails here, not at the first invoke
         stages = [s.name for s in spec.stages]
         self.output_stage = output_stage or stages[-1]
         if self.output_stage not in stages:
@@ -187,7 +182,7 @@ class PipelineRunnable(Runnable[RowInput, list[Row]]):
                 except RetortError as exc:
                     results.append(exc)
             return results
-        if result.failures <= self.max_failures:
+        if _failures(result) <= self.max_failures:
             return [self._present(part) for part in split]
         error = self._failure_error(result, failed)
         roots = [f.order[0] if f.order and f.order[0] < len(owner) else None for f in failed]
@@ -202,35 +197,21 @@ class PipelineRunnable(Runnable[RowInput, list[Row]]):
             raise _Unattributable
         return order[0]
 
-    async def _run(self, rows: list[Row]) -> tuple[RunResult, list[Row], list[_Failure]]:
-        """A normal cached run over `rows`: (result, output rows in input order, failures)."""
-        spec, source = load_pipeline(self.path, self.overrides)
-        with tempfile.TemporaryDirectory(prefix="retort-input-") as tmp:
-            path = Path(tmp) / "input.jsonl"
-            path.write_bytes(b"\n".join(orjson.dumps(r, default=str) for r in rows) + b"\n")
-            cache = Cache(self.db_path)
-            try:
-                runner = Runner(self.workspace, spec, source, cache, mode="run", input_path=str(path),
-                                limit=len(rows), model_targets=self.model_targets, max_retries=self.max_retries,
-                                backend_factory=self._backend, argv=f"{self.name} ({len(rows)} rows)")
-                try:
-                    result = await runner.execute()
-                except DatasetError as exc:  # name the rows, not the temporary file they passed through
-                    raise DatasetError(str(exc).replace(str(path), "the invocation's input")) from None
-                assert result.run_id is not None
-                schema = f"run_{result.run_id}"
-                if cache.table_exists(schema, self.output_stage):
-                    data = cache.con.sql(f'SELECT * FROM {schema}."{self.output_stage}"').to_arrow_table().to_pylist()
-                elif result.failures:
-                    data = []  # the stage that failed is reported below
-                else:
-                    raise RetortError(f"run {result.run_id} of {self.path.name} produced no table "
-                                      f"{self.output_stage!r}")
-                failed = [_Failure(_order(row_id), error, status) for row_id, error, status in cache.con.execute(
-                    "SELECT row_id, error, status FROM failures WHERE run_id = ? ORDER BY created_at",
-                    [result.run_id]).fetchall()]
-            finally:
-                cache.close()
+    async def _run(self, rows: list[Row]) -> tuple[api.Result, list[Row], list[_Failure]]:
+        """A normal cached run over `rows` (in memory, up to the output stage): (result, output rows in
+        input order, failures)."""
+        result = await api.arun(self.path, input=rows, models=self.model_targets, limit=len(rows),
+                                set=self.overrides, until=self.output_stage, workspace=self.workspace.root,
+                                db=self.db_path, max_failures=self.max_failures, retries=self.max_retries)
+        assert result.run_id is not None
+        try:
+            data = result.table(self.output_stage).to_pylist()
+        except NotFoundError:
+            if not result.totals.get("failures") and not any(s.error for s in result.stages):
+                raise RetortError(f"run {result.run_id} of {self.path.name} produced no table "
+                                  f"{self.output_stage!r}") from None
+            data = []  # the stage that failed is reported by the caller
+        failed = [_Failure(_order(f["row_id"]), f["error"], f["status"]) for f in result.failures()]
         # Input order, then sample order; rows without a lineage id keep their table order, last.
         keyed = sorted(enumerate(data), key=lambda item: (_order(item[1].get("_id")) is None,
                                                            _order(item[1].get("_id")) or (), item[0]))
@@ -239,24 +220,24 @@ class PipelineRunnable(Runnable[RowInput, list[Row]]):
     def _present(self, rows: list[Row]) -> list[Row]:
         return rows if self.lineage else [{k: v for k, v in row.items() if k not in LINEAGE} for row in rows]
 
-    def _backend(self, name: str, config: dict[str, Any]) -> Backend:
-        if config.get("backend") == "langchain":  # its factory resolves in this workspace, not the cwd's
-            config = {**config, "workspace": self.workspace}
-        return backends.create(name, config)
-
-    def _raise_on_failures(self, result: RunResult, failed: list[_Failure]) -> None:
-        if result.failures > self.max_failures:
+    def _raise_on_failures(self, result: api.Result, failed: list[_Failure]) -> None:
+        if _failures(result) > self.max_failures:
             raise self._failure_error(result, failed)
 
-    def _failure_error(self, result: RunResult, failed: list[_Failure]) -> RetortError:
+    def _failure_error(self, result: api.Result, failed: list[_Failure]) -> RetortError:
         where = f"run {result.run_id} of {self.path.name}"
         stage_errors = [s for s in result.stages if s.error]
         if stage_errors:
             return RetortError(f"{where}: stage {stage_errors[0].name} failed: {stage_errors[0].error}")
         first = failed[0] if failed else _Failure(None, "unknown failure", None)
-        return BackendError(f"{result.failures} failed call(s) in {where}, more than max_failures="
+        return BackendError(f"{_failures(result)} failed call(s) in {where}, more than max_failures="
                             f"{self.max_failures}; first: {first.error} (see `retort show failures`)",
                             status=first.status)
+
+
+def _override(text: str) -> tuple[str, Any]:
+    keys, value = parse_override(text)
+    return ".".join(keys), value
 
 
 def _rows(input: RowInput) -> list[Row]:
@@ -268,6 +249,11 @@ def _rows(input: RowInput) -> list[Row]:
         raise UserError(f"a pipeline takes a row (a dict) or a list of rows, not {type(input).__name__}")
     # Lineage columns of an earlier pipeline's output would collide with this run's own.
     return [{k: v for k, v in r.items() if k not in LINEAGE} for r in rows]
+
+
+def _failures(result: api.Result) -> int:
+    """Failed calls and crashed stages, as `retort run` counts them against --max-failures."""
+    return int(result.totals.get("failures", 0)) + sum(1 for s in result.stages if s.error)
 
 
 class _Held:

@@ -610,7 +610,8 @@ class Runner:
             template.check_columns(columns)
         except TemplateError as exc:
             if stage.from_ == "input":
-                raise DatasetError(f"{self.input_file} has no column {str(exc).split(chr(39))[1]!r}, which "
+                what = "the input rows have" if self.input_data is not None else f"{self.input_file} has"
+                raise DatasetError(f"{what} no column {str(exc).split(chr(39))[1]!r}, which "
                                    f"{template.name} (line {exc.line}) needs; map one with "
                                    f"--map NAME=COLUMN or input.columns") from None
             raise

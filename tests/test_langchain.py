@@ -349,6 +349,16 @@ def test_invoke_one_row_then_again_from_the_cache(ws: Path) -> None:
     assert runs == [("1", "0", "ok"), ("1", "0", "ok"), ("0", "1", "ok")]
 
 
+def test_invoke_runs_only_up_to_its_output_stage(ws: Path) -> None:
+    scored = pipeline("mymod:make", extra="  - name: score\n    python: accuracy\n    from: pred\n"
+                                          "    with: {prediction: pred, reference: label}\n")
+    (ws / "pipelines" / "scored.yaml").write_text(scored.replace("name: lc", "name: scored"))
+    rows = PipelineRunnable("scored", workspace=ws, output_stage="pred").invoke({"text": "golf"})  # no `label`
+    assert rows == [{"text": "golf", "pred": "reply to Text: golf"}]
+    tables = {t for (t,) in query(ws, "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'run_1'")}
+    assert tables == {"input", "pred"}  # the scoring stage, which needs a label, did not run
+
+
 def test_invoke_a_list_keeps_input_order_and_lineage_on_request(ws: Path) -> None:
     rows = [{"text": f"row {i}"} for i in range(12)]  # "10" sorts before "2" as text, not as lineage
     out = PipelineRunnable("lc", workspace=ws, lineage=True).invoke(rows)
@@ -425,6 +435,6 @@ def test_constructor_errors(ws: Path) -> None:
         PipelineRunnable("missing", workspace=Workspace(ws))
     with pytest.raises(UserError, match="a row"):
         PipelineRunnable("lc", workspace=ws).invoke("just text")  # type: ignore[arg-type]
-    with pytest.raises(DatasetError, match="the invocation's input has no column 'text'") as info:
+    with pytest.raises(DatasetError, match="the input rows have no column 'text'") as info:
         PipelineRunnable("lc", workspace=ws).invoke({"sentence": "no text column"})
     assert "input.jsonl" not in str(info.value)
