@@ -136,9 +136,11 @@ def print_summary(result: RunResult, warnings: list[str] | tuple[str, ...] = ())
                       f"{s.prompt_tokens + s.completion_tokens:,}", f"{s.seconds:.2f}")
     console.print(table)
     t = result.totals()
+    cost = result.cost_usd
+    spent = "" if result.up_to_date or cost is None else f", cost ${cost:,.4f}"
     console.print(f"calls made {t['calls_made']}, cache hits {t['cache_hits']}, failures {result.failures}, "
                   f"tokens {t['prompt_tokens'] + t['completion_tokens']:,} "
-                  f"(prompt {t['prompt_tokens']:,}, completion {t['completion_tokens']:,}), "
+                  f"(prompt {t['prompt_tokens']:,}, completion {t['completion_tokens']:,}){spent}, "
                   f"wall {result.seconds:.1f}s")
     reused = [s.name for s in result.stages if s.reused_from]
     if result.up_to_date:
@@ -147,8 +149,14 @@ def print_summary(result: RunResult, warnings: list[str] | tuple[str, ...] = ())
     elif reused:
         console.print(f"reused unchanged: {', '.join(reused)} (the rows of the run that built them from the same "
                       "inputs; --no-reuse rebuilds them)")
-    console.print(f"results: {result.db_path} (schema run_{result.run_id}; latest tables as views in main)\n"
-                  f"  retort show {result.stages[-1].name}    retort export {result.stages[-1].name} --format jsonl")
+    last = f"{result.pipeline}.{result.stages[-1].name}" if result.stages else result.pipeline
+    if result.status == "ok":
+        console.print(f"results: {result.db_path} (schema run_{result.run_id}; the latest complete tables are "
+                      f"views in schema {result.pipeline})\n"
+                      f"  retort show {last}    retort export {last} --format jsonl")
+    else:
+        console.print(f"results: run {result.run_id} is {result.status}: its tables are kept under schema "
+                      f"run_{result.run_id} (`--run {result.run_id}`); the latest complete tables are unchanged")
     for s in result.stages:
         if s.metrics:
             shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.metrics.items())
@@ -163,12 +171,23 @@ def print_summary(result: RunResult, warnings: list[str] | tuple[str, ...] = ())
 def print_plan(result: RunResult) -> None:
     console = _console()
     table = Table(title=f"plan for {result.pipeline} (nothing called)", title_justify="left")
-    for col in ("stage", "kind", "rows", "calls", "cached", "to call", "est. prompt tokens"):
-        table.add_column(col, justify="left" if col in ("stage", "kind") else "right")
+    columns = ("stage", "kind", "model", "rows", "calls", "cached", "to call", "est. prompt tokens",
+               "est. completion tokens", "est. cost")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("stage", "kind", "model") else "right")
     for s in result.stages:
         calls = s.calls_needed  # prompt stages, and Python stages that prompt through ctx
-        table.add_row(s.name, s.kind, str(s.rows_in if s.kind == "prompt" else s.rows_out), str(calls),
-                      str(s.cache_hits), str(calls - s.cache_hits), f"{s.est_prompt_tokens:,}")
+        cost = "" if not s.model else ("unknown" if s.cost_usd is None else f"${s.cost_usd:,.4f}")
+        table.add_row(s.name, s.kind, s.model or "", str(s.rows_in if s.kind == "prompt" else s.rows_out),
+                      str(calls), str(s.cache_hits), str(calls - s.cache_hits), f"{s.est_prompt_tokens:,}",
+                      f"{s.est_completion_tokens:,}" if s.model else "", cost)
     console.print(table)
     need = sum(s.calls_needed - s.cache_hits for s in result.stages)
-    console.print(f"{need} call(s) to make; rows after an uncached stage are counted with placeholder outputs")
+    total = result.cost_usd
+    bases = sorted({f"{s.name}: {s.completion_basis}" for s in result.stages if s.completion_basis})
+    cost = "unknown (a model has no price: set price_input/price_output)" if total is None else f"${total:,.4f}"
+    console.print(f"{need} call(s) to make, estimated cost {cost}"
+                  "; rows after an uncached stage are counted as if every call answered (placeholder outputs), "
+                  "so a stage that filters on parsed answers may make fewer calls")
+    if bases:
+        console.print("completion tokens per call from " + "; ".join(bases))

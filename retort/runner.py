@@ -35,7 +35,7 @@ import orjson
 import pyarrow as pa
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
-from retort import __version__, backends
+from retort import __version__, backends, costs
 from retort.backends.base import Backend, Completion, Request
 from retort.cache import Cache, call_key, create, quote, request_base
 from retort.datasets import read_table, table_from_rows
@@ -83,6 +83,10 @@ class StageStats:
     error: str | None = None
     metrics: dict[str, float] | None = None  # what a Python stage returned as a dict (also in `metrics`)
     reused_from: int | None = None  # the run that built this stage's rows, reused as they are (same fingerprint)
+    model: str | None = None  # model stages: the pipeline's name for the model
+    est_completion_tokens: int = 0  # plan: completion tokens the missing calls will produce
+    completion_basis: str | None = None  # plan: where that estimate comes from (history, max_tokens, a default)
+    cost_usd: float | None = None  # run: USD of the calls made; plan: estimated USD of the calls to make
     template: str | None = None  # prompt stages: SHA-256 of the template and all it includes (export manifests)
     parser: str | None = None  # prompt stages: SHA-256 of the parser's identity (export manifests)
 
@@ -110,6 +114,14 @@ class RunResult:
     def failures(self) -> int:
         return sum(s.failures for s in self.stages) + sum(1 for s in self.stages if s.error)
 
+    @property
+    def cost_usd(self) -> float | None:
+        """USD of the calls made (a plan: of the calls to make); None when a stage that spends has no price."""
+        spending = [s for s in self.stages if s.model and (s.calls_made or s.calls_needed - s.cache_hits)]
+        if any(s.cost_usd is None for s in spending):
+            return None
+        return sum(s.cost_usd or 0.0 for s in spending)
+
     def totals(self) -> dict[str, int]:
         keys = ("calls_needed", "cache_hits", "calls_made", "failures", "parse_errors", "prompt_tokens",
                 "completion_tokens")
@@ -118,7 +130,8 @@ class RunResult:
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "pipeline": self.pipeline, "db_path": self.db_path,
                 "seconds": round(self.seconds, 3), "status": self.status, "up_to_date": self.up_to_date,
-                **self.totals(), "stages": [asdict(s) for s in self.stages], "fingerprints": self.fingerprints,
+                **self.totals(), "cost_usd": self.cost_usd, "stages": [asdict(s) for s in self.stages],
+                "fingerprints": self.fingerprints,
                 "input": self.input}
 
 
@@ -261,6 +274,7 @@ class Runner:
         self._backends: dict[str, Backend] = {}
         self._limiters: dict[str, Limiter] = {}
         self._env: Any = None  # the workspace's Jinja environment, made on first use
+        self._completion: dict[str, float] = {}  # plan: expected completion tokens per call, by stage
         self.run_id: int | None = None
         self.schema = "temp"
         self.spec_dir = Path(source.file).resolve().parent.parent
@@ -376,7 +390,8 @@ class Runner:
                         if not isinstance(stage, PythonStage):
                             raise
                         stats.error = str(exc)
-                        self.cache.add_failure(self.run_id or 0, stage.name, None, None, str(exc))
+                        if not self.dry:  # a plan records nothing
+                            self.cache.add_failure(self.run_id or 0, stage.name, None, None, str(exc))
                     stats.seconds = time.monotonic() - begun
                     self.progress.stage_finished(stats)
                     self.cache.maybe_flush()  # raises if the group commit keeps failing
@@ -632,7 +647,10 @@ class Runner:
         out_table = self.table(stage.name)
         self.cache.drop_table(out_table)
         exec_ = _PromptExecution(self, stage, stats, template, parser, out_table, columns)
+        rates = exec_.rates = self._account(stage, stats)
         await exec_.run(data)
+        if self.dry:
+            stats.cost_usd = costs.usd(stats.est_prompt_tokens, stats.est_completion_tokens, rates)
         await self.cache.flush_async()  # the next stage reads this table: every row of it, not the last flush's
         if not self.cache.table_exists(self.schema, stage.name):  # no row came out: keep the shape
             new = ", ".join(f'NULL::VARCHAR AS "{c}"' for c in (*LINEAGE, *parser.columns) if c not in columns
@@ -646,6 +664,34 @@ class Runner:
                               f"but {total} rows were expected ({stats.rows_out} made); this is a bug in retort, "
                               "the run is not used as the latest")
         self._remember(stage, stats, fingerprint)
+
+    def _account(self, stage: PromptStage, stats: StageStats) -> tuple[float, float] | None:
+        """The stage's model and price, and for a plan how many tokens a missing call will answer
+        with: this stage's average in `calls` for the same model, else `max_tokens` (an upper
+        bound), else 256. Returns the model's price (USD per million tokens), None if unknown."""
+        static = isinstance(stage.model, str)
+        stats.model = str(stage.model) if static else f"per row ({stage.model.column})"  # type: ignore[union-attr]
+        if static:
+            rates = costs.price(self.model_config(str(stage.model)))
+        else:  # a model per row: known only when every model the spec names has the same price
+            prices = {costs.price(self.model_config(m)) for m in {"default", *self.spec.models}}
+            rates = prices.pop() if len(prices) == 1 else None
+        if not self.dry:
+            stats.cost_usd = 0.0 if rates is not None else None
+            return rates
+        avg, n = None, 0
+        if static:
+            identity = self.backend(str(stage.model)).identity
+            avg, n = self.cache.con.execute("SELECT avg(completion_tokens), count(*) FROM calls WHERE model = ? "
+                                            "AND stage = ?", [identity, stage.name]).fetchall()[0]
+        max_tokens = stage.params.model_dump(exclude_none=True).get("max_tokens")
+        if n:
+            self._completion[stage.name], stats.completion_basis = float(avg or 0), f"history ({n} calls)"
+        elif max_tokens:
+            self._completion[stage.name], stats.completion_basis = float(max_tokens), "max_tokens"
+        else:
+            self._completion[stage.name], stats.completion_basis = 256.0, "guess (256)"
+        return rates
 
     # ------------------------------------------------------------ reuse of whole stage tables
 
@@ -784,7 +830,7 @@ class Runner:
                 if vector is None and not self.dry:
                     continue  # its call failed: recorded in `failures`
                 record = {c: row[c] for c in carry}
-                record.update(_id=row["_id"], _parent=row["_id"], _error=None if vector is not None else NOT_CACHED)
+                record.update(_id=row["_id"], _parent=row["_id"], _error=None)  # a plan's placeholder: no vector
                 record[stage.output] = vector
                 out.append(record)
             stats.completed += len(rows)
@@ -933,6 +979,7 @@ class _PromptExecution:
         self.settled: dict[str, str | BackendError] = {}
         # This chunk's cached re-asks (attempts 1..reask), looked up with its first attempts in one query.
         self.prefetched: dict[str, tuple[str, int, int]] = {}
+        self.rates: tuple[float, float] | None = None  # the model's price, when the stage accounts cost
 
     def queue(self, model: str) -> asyncio.Queue[tuple[_Job, list[int], int] | None]:
         if model not in self.queues:
@@ -1013,6 +1060,7 @@ class _PromptExecution:
     async def submit(self, job: _Job, samples: list[int], attempt: int) -> None:
         if self.r.dry:
             self.stats.est_prompt_tokens += len(samples) * sum(len(m["content"]) for m in job.messages) // 4
+            self.stats.est_completion_tokens += int(len(samples) * self.r._completion.get(self.stage.name, 0))
             for i in samples:  # a placeholder keeps downstream row counts right in a plan
                 key = call_key(job.base, i, attempt)
                 self.inflight.pop(key, None)
@@ -1040,6 +1088,9 @@ class _PromptExecution:
                 latency = (time.monotonic() - begun) * 1000 / len(samples)
                 self.stats.prompt_tokens += completion.prompt_tokens
                 self.stats.completion_tokens += completion.completion_tokens
+                if self.stats.cost_usd is not None and self.rates is not None:
+                    self.stats.cost_usd += (completion.prompt_tokens * self.rates[0]
+                                            + completion.completion_tokens * self.rates[1]) / 1e6
                 share_p = completion.prompt_tokens // len(samples)
                 share_c = completion.completion_tokens // len(samples)
                 reasons = completion.finish_reasons or [None] * len(samples)  # type: ignore[list-item]
@@ -1156,7 +1207,10 @@ class _PromptExecution:
             row = {**base, "_id": f"{job.row_id}.{i}", "_parent": job.row_id, "_sample": i, "_call": key,
                    "_raw": text, "_error": error, **parsed}
             if error:
-                self.stats.parse_errors += not self.r.dry
+                if error == NOT_CACHED:  # a plan's placeholder passes downstream as an answered row would
+                    row["_error"] = None
+                else:
+                    self.stats.parse_errors += not self.r.dry
                 for c in self.parser.columns:
                     row.setdefault(c, None)
             rows.append(row)
