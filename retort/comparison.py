@@ -51,12 +51,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from retort.errors import BackendError, NotFoundError, SpecError, UserError
 from retort.spec import IDENT, InputSpec, Pipeline, Source, read_yaml, validation_error
-from retort.stats import Comparison, Interval, PairResult, StrategyResult, _interval, compare_strategies
+from retort.stats import (
+    Comparison,
+    Interval,
+    PairResult,
+    StrategyResult,
+    adjust,
+    bootstrap_p,
+    compare_strategies,
+    interval,
+)
 
 __all__ = ["ComparisonSpec", "add_parser", "bootstrap_statistic", "choice_match", "cmd_compare", "json_schema",
            "load_comparison", "run_comparison"]
 
 FOLDER = "comparisons"
+DISAGREEMENTS_SHOWN = 20  # items per pair listed in the HTML report (--disagree A B lists them all)
 STRATEGY_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$"
 # Corpus-level metrics are recomputed on every resample; cap the rows an evaluator sees
 # per strategy (macro-F1 runs ~3 µs a row) so 2,000 items stay a few seconds, not a minute.
@@ -350,23 +360,29 @@ class Comparer:
 
     def __init__(self, workspace: Any, spec: ComparisonSpec, src: Source, cache: Any, *,
                  limit: int | None = None, model_targets: dict[str, str] | None = None, max_retries: int = 5,
-                 progress: bool = True, log: Callable[[str], None] | None = None) -> None:
+                 progress: bool = True, log: Callable[[str], None] | None = None, input_path: str | None = None,
+                 columns: dict[str, str] | None = None, overrides: list[str] | None = None,
+                 sample: int | None = None, seed: int = 0) -> None:
+        """`input_path`, `columns`, `overrides` (`--set`, applied to every strategy's pipeline before its
+        own `set:`), `limit`, `sample` and `seed` are what `retort run` takes, for every strategy at once."""
         from retort.backends import parse_target
         from retort.spec import load_pipeline
 
         self.ws, self.spec, self.src, self.cache = workspace, spec, src, cache
         self.limit = limit or spec.dataset.limit
+        self.sample, self.seed = sample, seed
         self.max_retries, self.progress = max_retries, progress
         self.log = log or (lambda text: print(text, file=sys.stderr))
         spec_dir = Path(src.file).resolve().parent
-        self.input_path = str(workspace.data(spec.dataset.path, base=spec_dir.parent))
+        self.input_path = input_path or str(workspace.data(spec.dataset.path, base=spec_dir.parent))
+        self.columns = {**spec.dataset.columns, **(columns or {})}
         cli = dict(model_targets or {})
         self.plans: list[tuple[StrategyRun, Source, dict[str, dict[str, Any]], str]] = []
         for name, strategy in spec.strategies.items():
             at = ("strategies", name)
             # Without a limit the runner falls back to the pipeline's own `input.limit`;
             # every strategy must see the same items, so pin it.
-            overrides = [f"input.limit={json.dumps(self.limit)}"]
+            overrides = [f"input.limit={json.dumps(self.limit)}", *(overrides or [])]
             overrides += [f"{k}={json.dumps(v)}" for k, v in strategy.set_.items()]
             try:
                 pipeline, psrc = load_pipeline(workspace.pipeline(strategy.pipeline), overrides)
@@ -403,7 +419,8 @@ class Comparer:
             self.log(f"[{k}/{len(self.plans)}] strategy {run.name} (pipeline {run.pipeline.name})")
             with RichProgress(enabled=self.progress) as progress:
                 runner = Runner(self.ws, run.pipeline, psrc, self.cache, mode="run", input_path=self.input_path,
-                                columns=self.spec.dataset.columns, limit=self.limit, model_targets=targets,
+                                columns=self.columns, limit=self.limit, sample=self.sample, seed=self.seed,
+                                model_targets=targets,
                                 progress=progress, max_retries=self.max_retries, argv=argv,
                                 namespace=f"{self.spec.name}/{run.name}")
                 result = asyncio.run(runner.execute())
@@ -549,19 +566,20 @@ def _corpus_comparison(metric: Metric, rows: dict[str, list[dict[str, Any]]], re
 
     reps = bootstrap_statistic(n, [stat(name) for name in names], resamples=resamples, seed=spec.seed)
     points = [metric.value(rows[name], ref) for name in names]
-    strategies = tuple(StrategyResult(name, n, _interval(p, r, spec.confidence), False)
+    strategies = tuple(StrategyResult(name, n, interval(p, r, spec.confidence), False)
                        for name, p, r in zip(names, points, reps, strict=True))
     out: list[PairResult] = []
     if pairs:
         for i in range(len(names)):
             for j in range(i + 1, len(names)):
-                diff = _interval(points[i] - points[j], [x - y for x, y in zip(reps[i], reps[j], strict=True)],
-                                 spec.confidence)
+                replicates = [x - y for x, y in zip(reps[i], reps[j], strict=True)]
+                diff = interval(points[i] - points[j], replicates, spec.confidence)
                 a, b = runs[i].predictions, runs[j].predictions
                 disagree = tuple(k for k, item in enumerate(items)
                                  if _differ(a.get(item["_id"]), b.get(item["_id"])))
-                out.append(PairResult(names[i], names[j], diff, None, disagree))
-    return Comparison(n, spec.confidence, resamples, spec.seed, strategies, tuple(out))
+                out.append(PairResult(names[i], names[j], diff, None, disagree, p_value=bootstrap_p(replicates),
+                                      alpha=1 - spec.confidence))
+    return Comparison(n, spec.confidence, resamples, spec.seed, strategies, adjust(out))
 
 
 def _differ(a: Any, b: Any) -> bool:
@@ -663,6 +681,10 @@ def _details(result: Result) -> dict[str, Any]:
     }
 
 
+def _missing(result: Result) -> dict[str, int]:
+    return {run.name: result.missing(run) for run in result.runs}
+
+
 def _fmt(iv: Interval) -> str:
     return f"{iv.estimate:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
 
@@ -681,7 +703,7 @@ def markdown(result: Result) -> str:
     from retort.report import to_markdown
 
     text = to_markdown(result.comparison, cost_rows(result), spec=result.spec_path, title=_title(result),
-                       metric_name=result.primary)
+                       missing=_missing(result), metric_name=result.primary)
     head, body = _detail_rows(result)
 
     def cell(s: str) -> str:
@@ -712,7 +734,7 @@ def to_json_text(result: Result) -> str:
     from retort.report import to_json
 
     data = json.loads(to_json(result.comparison, cost_rows(result), spec=result.spec_path, title=_title(result),
-                              metric_name=result.primary))
+                              missing=_missing(result), metric_name=result.primary))
     data["compare"] = _details(result)
     return json.dumps(data, indent=2, ensure_ascii=False, default=str)
 
@@ -723,7 +745,7 @@ def html_page(result: Result) -> str:
     from retort.report import to_html
 
     page = to_html(result.comparison, cost_rows(result), spec=result.spec_path, title=_title(result),
-                   metric_name=result.primary)
+                   missing=_missing(result), metric_name=result.primary)
     head, body = _detail_rows(result)
     numeric = {2, 4, *range(5, len(head))}
     th = "".join(f'<th{" class=n" if i in numeric else ""}>{html.escape(h)}</th>' for i, h in enumerate(head))
@@ -734,7 +756,33 @@ def html_page(result: Result) -> str:
                f'<p class="sub">{html.escape(_method_note(result))}</p>'
                f'<div class="table-wrap"><table id="table-metrics"><thead><tr>{th}</tr></thead>'
                f"<tbody>{rows}</tbody></table></div></section>")
-    return page.replace("<footer>", section + "<footer>", 1)
+    return page.replace("<footer>", section + _disagreements_html(result) + "<footer>", 1)
+
+
+def _disagreements_html(result: Result, per_pair: int = DISAGREEMENTS_SHOWN) -> str:
+    """For each pair, the items they answer differently: the text, each one's answer, the reference."""
+    import html
+
+    def e(value: Any) -> str:
+        return "\u2014" if value is None else html.escape(str(value))
+
+    parts = []
+    names = [run.name for run in result.runs]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            rows = disagreements(result, a, b)
+            if not rows:
+                continue
+            body = "".join(f'<tr><td class="n">{e(r["item_id"])}</td><td>{e(r["text"])}</td><td>{e(r[a])}</td>'
+                           f'<td>{e(r[b])}</td><td>{e(r["reference"])}</td></tr>' for r in rows[:per_pair])
+            more = (f'<p class="sub">{len(rows) - per_pair} more: retort compare {e(result.spec.name)} '
+                    f"--disagree {html.escape(a)} {html.escape(b)}</p>" if len(rows) > per_pair else "")
+            parts.append(f"<h3>{e(a)} vs {e(b)}: {len(rows)} items</h3><div class=\"table-wrap\"><table>"
+                         f'<thead><tr><th class="n">item</th><th>text</th><th>{e(a)}</th><th>{e(b)}</th>'
+                         f"<th>reference</th></tr></thead><tbody>{body}</tbody></table></div>{more}")
+    if not parts:
+        return ""
+    return '<section id="disagreements"><h2>Where strategies disagree</h2>' + "".join(parts) + "</section>"
 
 
 def write_reports(result: Result, out: Path) -> dict[str, Path]:
@@ -759,7 +807,7 @@ def render(result: Result, console: Any = None) -> None:
         if not console.is_terminal and "COLUMNS" not in os.environ:
             console.width = 140  # a log or a pipe: wide enough that the tables do not fold
     render_terminal(result.comparison, cost_rows(result), spec=result.spec_path, title=_title(result),
-                    metric_name=result.primary, console=console)
+                    missing=_missing(result), metric_name=result.primary, console=console)
     head, body = _detail_rows(result)
     keep = list(range(len(head)))
     if console.width < 110:  # narrow: drop pipeline, run and predict, keep the numbers readable
@@ -803,10 +851,11 @@ def _print_disagreements(rows: list[dict[str, Any]], a: str, b: str, fmt: str) -
 
 def run_comparison(workspace: Any, spec_path: Path, cache: Any, *, limit: int | None = None,
                    model_targets: dict[str, str] | None = None, max_retries: int = 5, progress: bool = True,
-                   log: Callable[[str], None] | None = None) -> Result:
+                   log: Callable[[str], None] | None = None, **data: Any) -> Result:
+    """`data`: input_path, columns, overrides, sample, seed (see Comparer)."""
     spec, src = load_comparison(spec_path)
     comparer = Comparer(workspace, spec, src, cache, limit=limit, model_targets=model_targets,
-                        max_retries=max_retries, progress=progress, log=log)
+                        max_retries=max_retries, progress=progress, log=log, **data)
     result = comparer.run()
     result.spec_path = _short(spec_path)
     record(result, cache)
@@ -841,8 +890,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     db = Path(args.db) if getattr(args, "db", None) else ws.db_path
     cache = Cache(db)
     try:
+        columns: dict[str, str] = {}
+        for item in args.map or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UserError(f"--map {item!r}: expected NAME=COLUMN")
+            columns[key] = value
         result = run_comparison(ws, path, cache, limit=args.limit, model_targets=targets,
-                                max_retries=args.retries, progress=not args.quiet)
+                                max_retries=args.retries, progress=not args.quiet, input_path=args.input,
+                                columns=columns, overrides=args.set or [], sample=args.sample, seed=args.seed)
     finally:
         cache.close()
     out = Path(args.out) if args.out else ws.root / "reports" / str(spec.name)
@@ -875,6 +931,13 @@ def add_parser(sub: Any) -> None:
 
     p.add_argument("--limit", type=positive, metavar="N",
                    help="only the first N dataset rows (overrides dataset.limit)")
+    p.add_argument("--sample", type=positive, metavar="N", help="a random subset of N dataset rows (seeded)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="the seed of --sample (default 0)")
+    p.add_argument("--input", metavar="FILE", help="another dataset for every strategy (JSONL, CSV, Parquet, JSON)")
+    p.add_argument("--map", action="append", metavar="COLUMN=EXPR",
+                   help="map a dataset column (or a DuckDB expression) to a pipeline column, for every strategy")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                   help="override a value in every strategy's pipeline (before the strategy's own set:)")
     p.add_argument("--model", action="append", metavar="NAME=TARGET",
                    help="point a named model of every strategy at another backend (as in `retort run`); "
                         "NAME '*' means every model and replaces the strategies' own targets")

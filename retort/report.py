@@ -23,11 +23,11 @@ import html
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from retort.stats import Comparison, Interval, PairResult, pareto_front
+from retort.stats import Comparison, Interval, PairResult, StrategyResult, pareto_front
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -71,17 +71,20 @@ class _Report:
     generated: str
     metric_name: str
     front: tuple[str, ...]  # Pareto front over (total tokens, metric), cheapest first
+    missing: dict[str, int] = field(default_factory=dict)  # items without a prediction, by strategy
 
     def to_dict(self) -> dict[str, Any]:
         return {"title": self.title, "spec": self.spec, "generated": self.generated,
-                "metric": self.metric_name, "comparison": self.comparison.to_dict(),
+                "metric": self.metric_name, "verdict": verdict(self), "significance": rule(self.comparison),
+                "missing": self.missing, "comparison": self.comparison.to_dict(),
                 "costs": [self.costs[s.name].to_dict() for s in self.comparison.strategies
                           if s.name in self.costs],
                 "pareto_front": list(self.front)}
 
 
 def _prepare(comparison: Comparison, costs: Sequence[CostRowLike], *, title: str, spec: str | None,
-             generated: datetime | str | None, metric_name: str) -> _Report:
+             generated: datetime | str | None, metric_name: str,
+             missing: Mapping[str, int] | None = None) -> _Report:
     names = [s.name for s in comparison.strategies]
     rows: dict[str, CostRow] = {}
     for raw in costs:
@@ -97,7 +100,8 @@ def _prepare(comparison: Comparison, costs: Sequence[CostRowLike], *, title: str
     if generated is None:
         generated = datetime.now(UTC)
     stamp = generated.strftime("%Y-%m-%d %H:%M %Z").strip() if isinstance(generated, datetime) else generated
-    return _Report(comparison, rows, title, spec, stamp, metric_name, tuple(pareto_front(points)))
+    return _Report(comparison, rows, title, spec, stamp, metric_name, tuple(pareto_front(points)),
+                   {name: int(k) for name, k in (missing or {}).items() if k})
 
 
 # --------------------------------------------------------------------------- number formats
@@ -156,13 +160,73 @@ def _disagreement_text(p: PairResult, limit: int = 20) -> str:
     return f"{shown}, \u2026 {more} more" if more > 0 else shown
 
 
+def rule(c: Comparison) -> str:
+    """The one stated rule for "significant", as every report prints it."""
+    return (f"A pair is significant when its p-value, adjusted for the {len(c.pairs)} pairs by Holm's method, is "
+            f"below {1 - c.confidence:.2g}; p is McNemar's exact test when both strategies score right/wrong, "
+            "otherwise a paired bootstrap.")
+
+
+def _best(r: _Report) -> StrategyResult | None:
+    """The best strategy among those with a prediction for at least one item."""
+    n = r.comparison.n_items
+    usable = [s for s in r.comparison.strategies if r.missing.get(s.name, 0) < n]
+    return max(usable, key=lambda s: s.metric.estimate) if usable else None
+
+
+def verdict(r: _Report) -> list[str]:
+    """A few plain sentences: warnings about missing predictions, then how the best strategy compares."""
+    c, n = r.comparison, r.comparison.n_items
+    lines = []
+    for s in c.strategies:
+        gone = r.missing.get(s.name, 0)
+        if gone >= n:
+            lines.append(f"warning: {s.name} has no prediction for any of the {n} items (every call failed or no "
+                         "answer parsed): its score says nothing about the strategy")
+        elif gone:
+            lines.append(f"warning: {s.name} has no prediction for {gone} of {n} items; they count as wrong")
+    best = _best(r)
+    if best is None:
+        return [*lines, "no strategy produced a prediction: nothing to compare"]
+    points = all(0.0 <= s.metric.estimate <= 1.0 for s in c.strategies)
+
+    def amount(x: float) -> str:
+        return f"{abs(x) * 100:.1f} points" if points else f"{abs(x):.3g}"
+
+    for p in c.pairs:
+        if best.name not in (p.a, p.b):
+            continue
+        other = p.b if p.a == best.name else p.a
+        sign = 1 if p.a == best.name else -1
+        low, high = sorted((sign * p.diff.low, sign * p.diff.high))
+        shown = (f"[{low * 100:+.1f}, {high * 100:+.1f}]" if points else f"[{low:+.3g}, {high:+.3g}]")
+        if p.significant:
+            lines.append(f"{best.name} beats {other} by {amount(p.diff.estimate)} {shown}, significant after Holm "
+                         f"correction (p = {_p(p.p_holm)})")
+        else:
+            lines.append(f"{best.name} vs {other}: {'+' if sign * p.diff.estimate >= 0 else '-'}"
+                         f"{amount(p.diff.estimate)} {shown}, not significant after Holm correction "
+                         f"(p = {_p(p.p_holm)})")
+    if not c.pairs:
+        lines.append(f"{best.name}: {_num(best.metric.estimate)} {_ci(best.metric)} ({r.metric_name})")
+    return lines
+
+
+def _verdict_html(r: _Report) -> str:
+    items = "".join(f'<li class="{"warn" if line.startswith("warning") else ""}">{_e(line)}</li>'
+                    for line in verdict(r))
+    return (f'<section id="verdict"><h2>Verdict</h2><ul>{items}</ul>'
+            f'<p class="sub">{_e(rule(r.comparison))}</p></section>')
+
+
 # --------------------------------------------------------------------------- Markdown and JSON
 
 
 def to_markdown(comparison: Comparison, costs: Sequence[CostRowLike] = (), *, spec: str | None = None,
                 title: str = "Strategy comparison", generated: datetime | str | None = None,
-                metric_name: str = "accuracy") -> str:
-    r = _prepare(comparison, costs, title=title, spec=spec, generated=generated, metric_name=metric_name)
+                metric_name: str = "accuracy", missing: Mapping[str, int] | None = None) -> str:
+    r = _prepare(comparison, costs, title=title, spec=spec, generated=generated, metric_name=metric_name,
+                 missing=missing)
     c = r.comparison
     level = f"{c.confidence:.0%}"
 
@@ -173,7 +237,8 @@ def to_markdown(comparison: Comparison, costs: Sequence[CostRowLike] = (), *, sp
     meta = [f"spec `{cell(r.spec)}`"] if r.spec else []
     meta += [r.generated, f"{c.n_items:,} items",
              f"{level} percentile bootstrap CI, {c.resamples:,} resamples, seed {c.seed}"]
-    out += [" \u00b7 ".join(meta), ""]
+    out += [" \u00b7 ".join(meta), "", "## Verdict", ""]
+    out += [f"- {cell(line)}" for line in verdict(r)] + [""]
 
     out += ["| strategy | " + cell(r.metric_name) + f" | {level} CI | calls | prompt tokens "
             "| completion tokens | wall | cost | Pareto |",
@@ -187,22 +252,22 @@ def to_markdown(comparison: Comparison, costs: Sequence[CostRowLike] = (), *, sp
 
     if c.pairs:
         out += ["", f"## Paired differences ({cell(r.metric_name)}, A \u2212 B)", "",
-                f"| A | B | difference | {level} CI | significant | McNemar b01 / b10 | p | disagreements |",
-                "|---|---|--:|---|:-:|--:|--:|--:|"]
+                f"| A | B | difference | {level} CI | significant | McNemar b01 / b10 | p | p (Holm) | disagreements |",
+                "|---|---|--:|---|:-:|--:|--:|--:|--:|"]
         for p in c.pairs:
-            mc = [f"{p.mcnemar.b01} / {p.mcnemar.b10}", _p(p.mcnemar.p_value)] if p.mcnemar else ["\u2014", "\u2014"]
+            mc = f"{p.mcnemar.b01} / {p.mcnemar.b10}" if p.mcnemar else "\u2014"
             out.append("| " + " | ".join([cell(p.a), cell(p.b), _signed(p.diff.estimate), _ci(p.diff, signed=True),
-                                          "yes" if p.significant else "no", *mc,
+                                          "yes" if p.significant else "no", mc, _p(p.p_value), _p(p.p_holm),
                                           _int(len(p.disagreements))]) + " |")
-    out += ["", ("b01: items A got wrong and B got right; b10: the reverse. A pair is significant when "
-            "the interval of the difference excludes zero."), ""]
+    out += ["", "b01: items A got wrong and B got right; b10: the reverse. " + rule(c), ""]
     return "\n".join(out)
 
 
 def to_json(comparison: Comparison, costs: Sequence[CostRowLike] = (), *, spec: str | None = None,
             title: str = "Strategy comparison", generated: datetime | str | None = None,
-            metric_name: str = "accuracy", indent: int | None = 2) -> str:
-    r = _prepare(comparison, costs, title=title, spec=spec, generated=generated, metric_name=metric_name)
+            metric_name: str = "accuracy", indent: int | None = 2, missing: Mapping[str, int] | None = None) -> str:
+    r = _prepare(comparison, costs, title=title, spec=spec, generated=generated, metric_name=metric_name,
+                 missing=missing)
     return json.dumps(r.to_dict(), indent=indent, ensure_ascii=False)
 
 
@@ -211,16 +276,20 @@ def to_json(comparison: Comparison, costs: Sequence[CostRowLike] = (), *, spec: 
 
 def render_terminal(comparison: Comparison, costs: Sequence[CostRowLike] = (), *, spec: str | None = None,
                     title: str = "Strategy comparison", generated: datetime | str | None = None,
-                    metric_name: str = "accuracy", console: Console | None = None) -> None:
+                    metric_name: str = "accuracy", console: Console | None = None,
+                    missing: Mapping[str, int] | None = None) -> None:
     # imported here so that writing HTML or JSON does not pay for rich's import
     from rich import box
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    r = _prepare(comparison, costs, title=title, spec=spec, generated=generated, metric_name=metric_name)
+    r = _prepare(comparison, costs, title=title, spec=spec, generated=generated, metric_name=metric_name,
+                 missing=missing)
     c = r.comparison
     console = console or Console()
+    for line in verdict(r):
+        console.print(("[bold yellow]" if line.startswith("warning") else "[bold]") + escape(line) + "[/]")
     level = f"{c.confidence:.0%}"
     caption = f"{c.n_items:,} items \u00b7 {level} bootstrap CI \u00b7 {c.resamples:,} resamples \u00b7 seed {c.seed}"
     heading = f"{r.title} \u2014 {r.spec}" if r.spec else r.title
@@ -235,7 +304,8 @@ def render_terminal(comparison: Comparison, costs: Sequence[CostRowLike] = (), *
     for name in (("calls", "tokens in/out", "wall", "cost") if wide else ("tokens", "cost")):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("front", justify="center", no_wrap=True, min_width=5)
-    best = max(s.metric.estimate for s in c.strategies)
+    top = _best(r)
+    best = top.metric.estimate if top else None
     for s in c.strategies:
         row = r.costs.get(s.name)
         if row is None:
@@ -256,13 +326,13 @@ def render_terminal(comparison: Comparison, costs: Sequence[CostRowLike] = (), *
                   box=box.SIMPLE_HEAD)
     pairs.add_column("A", overflow="fold", min_width=min(name_w, 12))
     pairs.add_column("B", overflow="fold", min_width=min(name_w, 12))
-    for name in ("A \u2212 B", f"{level} CI", "sig.", *(["b01/b10"] if wide else []), "McNemar p",
+    for name in ("A \u2212 B", f"{level} CI", "sig.", *(["b01/b10"] if wide else []), "p (Holm)",
                  *(["disagree"] if wide else [])):
         pairs.add_column(name, justify="center" if name == "sig." else "right", no_wrap=True)
     for p in c.pairs:
         diff = _signed(p.diff.estimate)
         b01_b10 = f"{p.mcnemar.b01}/{p.mcnemar.b10}" if p.mcnemar else "\u2014"
-        p_value = _p(p.mcnemar.p_value) if p.mcnemar else "\u2014"
+        p_value = _p(p.p_holm)
         cells = [escape(p.a), escape(p.b), f"[bold]{diff}[/]" if p.significant else diff,
                  _ci(p.diff, signed=True), "[green]yes[/]" if p.significant else "[dim]no[/]"]
         cells += [b01_b10, p_value, _int(len(p.disagreements))] if wide else [p_value]
@@ -617,6 +687,7 @@ td.name{font-weight:600;white-space:normal;overflow-wrap:anywhere;min-width:120p
 .yes{color:var(--good);font-weight:600}
 .no{color:var(--faint)}
 .star{color:var(--accent)}
+#verdict li.warn{color:#b45309;font-weight:600}
 details summary{cursor:pointer;color:var(--accent)}
 details div{white-space:normal;max-width:280px;color:var(--muted);font-size:12.5px;margin-top:4px}
 footer{color:var(--faint);font-size:12.5px;border-top:1px solid var(--line);padding-top:12px}
@@ -626,11 +697,12 @@ footer{color:var(--faint);font-size:12.5px;border-top:1px solid var(--line);padd
 
 def _cards(r: _Report) -> str:
     c = r.comparison
-    best = max(c.strategies, key=lambda s: s.metric.estimate)
+    best = _best(r)
     sig = sum(p.significant for p in c.pairs)
     cheapest = r.front[0] if r.front else None
-    cards = [("best " + r.metric_name, best.name, f"{_num(best.metric.estimate)} {_ci(best.metric)}"),
-             ("significant pairs", f"{sig} of {len(c.pairs)}", f"{c.confidence:.0%} CI excludes zero")]
+    cards = [("best " + r.metric_name, best.name if best else "none",
+              f"{_num(best.metric.estimate)} {_ci(best.metric)}" if best else "no strategy has predictions"),
+             ("significant pairs", f"{sig} of {len(c.pairs)}", f"Holm-adjusted p < {1 - c.confidence:.2g}")]
     if cheapest is not None:
         row = r.costs[cheapest]
         cards.append(("cheapest on the front", cheapest,
@@ -689,17 +761,18 @@ def _tables(r: _Report) -> str:
 
 def to_html(comparison: Comparison, costs: Sequence[CostRowLike] = (), *, spec: str | None = None,
             title: str = "Strategy comparison", generated: datetime | str | None = None,
-            metric_name: str = "accuracy") -> str:
+            metric_name: str = "accuracy", missing: Mapping[str, int] | None = None) -> str:
     """One self-contained HTML page: inline CSS, inline SVG, no script, no request to any host."""
-    r = _prepare(comparison, costs, title=title, spec=spec, generated=generated, metric_name=metric_name)
+    r = _prepare(comparison, costs, title=title, spec=spec, generated=generated, metric_name=metric_name,
+                 missing=missing)
     c = r.comparison
     level = f"{c.confidence:.0%}"
     method = f"{level} percentile bootstrap intervals over items ({_int(c.resamples)} resamples, seed {c.seed})"
     meta = ([f"<span>spec <code>{_e(r.spec)}</code></span>"] if r.spec else []) + [
         f"<span><time>{_e(r.generated)}</time></span>", f"<span>{_int(c.n_items)} items</span>",
         f"<span>{len(c.strategies)} strategies</span>"]
-    missing = [s.name for s in c.strategies if s.name not in r.costs]
-    missing_note = (f" Not shown, no cost row: {_e(', '.join(missing))}." if missing and r.costs else "")
+    no_cost = [s.name for s in c.strategies if s.name not in r.costs]
+    missing_note = (f" Not shown, no cost row: {_e(', '.join(no_cost))}." if no_cost and r.costs else "")
     page_title = f"{r.title} \u00b7 {r.spec}" if r.spec else r.title
     return "".join([
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
@@ -708,6 +781,7 @@ def to_html(comparison: Comparison, costs: Sequence[CostRowLike] = (), *, spec: 
         '<meta name="generator" content="retort">',
         f"<title>{_e(page_title)}</title><style>{_CSS}</style></head><body><main>",
         f'<header><h1>{_e(r.title)}</h1><p class="meta">{"".join(meta)}</p></header>',
+        _verdict_html(r),
         _cards(r),
         f'<section id="metric"><h2>{_e(r.metric_name.capitalize())} by strategy</h2>',
         f'<p class="sub">Mean over items; whiskers are {_e(method)}.</p>',
@@ -719,7 +793,7 @@ def to_html(comparison: Comparison, costs: Sequence[CostRowLike] = (), *, spec: 
         f"{_e(', '.join(r.front)) if r.front else 'none'}</figcaption></figure></section>"),
         '<section id="diffs"><h2>Paired differences</h2>',
         (f'<p class="sub">Mean of A \u2212 B over the same items, with {level} paired bootstrap intervals. '
-        "Filled marks are significant: the interval excludes zero.</p>"),
+        f"Filled marks are significant. {_e(rule(c))}</p>"),
         f"<figure>{_chart_diffs(r)}</figure></section>",
         _tables(r),
         f"<footer>Generated by retort compare \u00b7 {_e(method)}.</footer>",

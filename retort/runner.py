@@ -328,6 +328,8 @@ class Runner:
                 continue  # checking would load the weights; a plan or validate never calls them
             backend = self.backend(name)
             served = await backend.check()
+            if hasattr(backend, "use_model"):  # an endpoint named without a model: the one it serves
+                backend.use_model(served)
             model = getattr(backend, "model", None)
             if served and model and model not in served:  # /v1/models answered: the name must be there
                 urls = ", ".join(getattr(backend, "base_urls", []))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from operator import itemgetter
 from typing import Any, Literal
@@ -34,8 +34,12 @@ __all__ = [
     "PairResult",
     "StrategyResult",
     "WinRate",
+    "adjust",
     "bootstrap_ci",
+    "bootstrap_p",
     "compare_strategies",
+    "holm",
+    "interval",
     "mcnemar_exact",
     "paired_bootstrap_diff",
     "pareto_front",
@@ -126,13 +130,18 @@ class PairResult:
     diff: Interval
     mcnemar: McNemar | None  # only when both strategies' values are all 0/1
     disagreements: tuple[int, ...]  # item indices where the two values differ
+    p_value: float = 1.0  # McNemar's exact p for right/wrong scores, else the paired bootstrap's two-sided p
+    p_holm: float = 1.0  # p_value adjusted by Holm's step-down method over every pair of the comparison
+    alpha: float = 0.05  # 1 - confidence
 
     @property
     def significant(self) -> bool:
-        return self.diff.excludes_zero
+        """The one rule: significant when the Holm-adjusted p-value is below alpha."""
+        return self.p_holm < self.alpha
 
     def to_dict(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b, "diff": self.diff.to_dict(), "significant": self.significant,
+                "p_value": self.p_value, "p_holm": self.p_holm, "alpha": self.alpha,
                 "mcnemar": self.mcnemar.to_dict() if self.mcnemar else None,
                 "disagreements": list(self.disagreements)}
 
@@ -173,7 +182,7 @@ def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, resamples
     column = _floats(values, "values")
     _check_params(confidence, resamples)
     (means,) = _resampled_means([column], resamples, seed)
-    return _interval(_mean(column), means, confidence)
+    return interval(_mean(column), means, confidence)
 
 
 def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], *, confidence: float = 0.95,
@@ -184,7 +193,7 @@ def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], *, confidence:
         raise ValueError(f"paired samples differ in length: a has {len(col_a)} items, b has {len(col_b)}")
     _check_params(confidence, resamples)
     means_a, means_b = _resampled_means([col_a, col_b], resamples, seed)
-    return _interval(_mean_diff(col_a, col_b), _differences(means_a, means_b), confidence)
+    return interval(_mean_diff(col_a, col_b), _differences(means_a, means_b), confidence)
 
 
 def _resampled_means(columns: Sequence[Sequence[float]], resamples: int, seed: int) -> list[list[float]]:
@@ -213,7 +222,7 @@ def _differences(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
     return [x - y for x, y in zip(xs, ys, strict=True)]
 
 
-def _interval(estimate: float, replicates: Sequence[float], confidence: float) -> Interval:
+def interval(estimate: float, replicates: Sequence[float], confidence: float) -> Interval:
     ordered = sorted(replicates)
     tail = (1.0 - confidence) / 2.0
     return Interval(estimate, _quantile(ordered, tail), _quantile(ordered, 1.0 - tail))
@@ -383,15 +392,47 @@ def compare_strategies(items: Mapping[str, Sequence[float | bool]], *, confidenc
     binary = [_is_binary(col) for col in columns]
 
     strategies = tuple(
-        StrategyResult(name, n, _interval(_mean(col), reps, confidence), is_bin)
+        StrategyResult(name, n, interval(_mean(col), reps, confidence), is_bin)
         for name, col, reps, is_bin in zip(names, columns, means, binary, strict=True)
     )
     pairs: list[PairResult] = []
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             a, b = columns[i], columns[j]
-            diff = _interval(_mean_diff(a, b), _differences(means[i], means[j]), confidence)
+            replicates = _differences(means[i], means[j])
+            diff = interval(_mean_diff(a, b), replicates, confidence)
             test = mcnemar_exact([x == 1.0 for x in a], [y == 1.0 for y in b]) if binary[i] and binary[j] else None
             disagree = tuple(k for k, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
-            pairs.append(PairResult(names[i], names[j], diff, test, disagree))
-    return Comparison(n, confidence, resamples, seed, strategies, tuple(pairs))
+            p = test.p_value if test else bootstrap_p(replicates)
+            pairs.append(PairResult(names[i], names[j], diff, test, disagree, p_value=p, alpha=1 - confidence))
+    return Comparison(n, confidence, resamples, seed, strategies, adjust(pairs))
+
+
+def adjust(pairs: Sequence[PairResult]) -> tuple[PairResult, ...]:
+    """The pairs with their Holm-adjusted p-values (over all of them: one family of comparisons)."""
+    adjusted = holm([p.p_value for p in pairs])
+    return tuple(replace(p, p_holm=q) for p, q in zip(pairs, adjusted, strict=True))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment for multiple comparisons: the i-th smallest p is multiplied by the
+    number of hypotheses not yet rejected, kept monotone, capped at 1. Controls the family-wise error."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda k: p_values[k])
+    adjusted = [1.0] * m
+    running = 0.0
+    for rank, k in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[k]))
+        adjusted[k] = running
+    return adjusted
+
+
+def bootstrap_p(differences: Sequence[float]) -> float:
+    """Two-sided p-value of a paired bootstrap: twice the share of resampled differences on the far
+    side of zero (at least one resample counted, so p is never 0)."""
+    n = len(differences)
+    if n == 0:
+        return 1.0
+    below = sum(1 for d in differences if d <= 0)
+    above = sum(1 for d in differences if d >= 0)
+    return min(1.0, 2 * (min(below, above) + 1) / (n + 1))

@@ -46,7 +46,7 @@ import orjson
 
 from retort.backends.base import Completion, Malformed, Request, backend_options, decode_chat, decode_embeddings
 from retort.backends.wire import Pool, ResponseTooLarge
-from retort.errors import BackendError, EndpointUnreachable, SpecError, UserError
+from retort.errors import BackendError, EndpointUnreachable, NotFoundError, SpecError, UserError
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -166,11 +166,12 @@ class OpenAIBackend:
             raise ValueError("base_url needs at least one URL")
         if structured_output not in ("json_schema", "json_object"):
             raise ValueError(f"structured_output must be 'json_schema' or 'json_object', not {structured_output!r}")
-        self.model = model
+        self.model = model  # "": the one model the endpoint serves, found by check() (see use_model)
         # Server-side parameters set on the model change completions, so they are part of its identity.
-        suffix = "+" + hashlib.sha256(orjson.dumps(extra_body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:8] \
+        self._suffix = "+" + hashlib.sha256(orjson.dumps(extra_body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:8] \
             if extra_body else ""
-        self.identity = identity or f"openai:{model}{suffix}"
+        self._own_identity = identity is not None
+        self.identity = identity or f"openai:{model}{self._suffix}"
         self.structured_output = structured_output
         self._single_n = False  # set once the server is seen to ignore `n`
         self.base_urls = [u.rstrip("/") for u in urls]
@@ -200,6 +201,20 @@ class OpenAIBackend:
         self._pools: list[Pool] | None = None  # our HTTP client's connections, one pool per replica
         self._session: aiohttp.ClientSession | None = None
         self._sdk_clients: list[AsyncOpenAI] | None = None
+
+    def use_model(self, served: list[str] | None) -> None:
+        """A backend made without a model name takes the endpoint's only model; several (or none
+        listed) is an error that names them."""
+        if self.model:
+            return
+        urls = ", ".join(self.base_urls)
+        if not served or len(served) != 1:
+            listed = f"it serves {len(served)}: {', '.join(served[:10])}" if served else "it lists no models"
+            raise NotFoundError(f"{urls}: no model named and {listed}; name one as URL#MODEL "
+                                "(e.g. --model default=http://host:8000/v1#MODEL)")
+        self.model = served[0]
+        if not self._own_identity:
+            self.identity = f"openai:{self.model}{self._suffix}"
 
     def __repr__(self) -> str:
         urls = self.base_urls[0] if len(self.base_urls) == 1 else self.base_urls
@@ -487,8 +502,10 @@ def _merge(parts: list[Completion]) -> Completion:
 
 
 def from_config(config: dict[str, Any]) -> OpenAIBackend:
-    """Build from a YAML model entry. Keys set to None count as absent."""
+    """Build from a YAML model entry. Keys set to None count as absent. Without `model` (a bare
+    `--model NAME=http://host:8000/v1`), the model is the one the endpoint serves (see use_model)."""
     given = backend_options(config, "openai", _CONFIG_KEYS)
-    if "model" not in given:
+    given.setdefault("model", "")
+    if not given["model"] and given.get("base_url", DEFAULT_BASE_URL) == DEFAULT_BASE_URL:
         raise SpecError("backend 'openai' needs `model`, the served model name", field="model")
     return OpenAIBackend(**given)
