@@ -376,16 +376,17 @@ class Comparer:
         spec_dir = Path(src.file).resolve().parent
         self.input_path = input_path or str(workspace.data(spec.dataset.path, base=spec_dir.parent))
         self.columns = {**spec.dataset.columns, **(columns or {})}
+        common = list(overrides or [])
         cli = dict(model_targets or {})
         self.plans: list[tuple[StrategyRun, Source, dict[str, dict[str, Any]], str]] = []
         for name, strategy in spec.strategies.items():
             at = ("strategies", name)
             # Without a limit the runner falls back to the pipeline's own `input.limit`;
             # every strategy must see the same items, so pin it.
-            overrides = [f"input.limit={json.dumps(self.limit)}", *(overrides or [])]
-            overrides += [f"{k}={json.dumps(v)}" for k, v in strategy.set_.items()]
+            sets = [f"input.limit={json.dumps(self.limit)}", *common]
+            sets += [f"{k}={json.dumps(v)}" for k, v in strategy.set_.items()]
             try:
-                pipeline, psrc = load_pipeline(workspace.pipeline(strategy.pipeline), overrides)
+                pipeline, psrc = load_pipeline(workspace.pipeline(strategy.pipeline), sets)
             except SpecError as exc:
                 raise src.error(f"strategy {name}: {exc}",
                                 (*at, "set") if strategy.set_ else (*at, "pipeline")) from None

@@ -3,7 +3,7 @@
 A model entry may set `price_input` and `price_output` (USD per million prompt / completion
 tokens); they win. Otherwise a well-known hosted model served from its vendor's own endpoint
 has a price here (list prices, USD per million tokens, as published by the vendor; check them
-before relying on a figure). The embedded model and the scripted backend cost nothing. Any
+before relying on a figure). The embedded model costs nothing. Any
 other model (your vLLM server, a LangChain model) has no price unless its entry sets one: its
 cost is shown as unknown, never as zero.
 """
@@ -32,7 +32,7 @@ def price(config: dict[str, Any]) -> tuple[float, float] | None:
     pin, pout = config.get("price_input"), config.get("price_output")
     if pin is not None or pout is not None:
         return float(pin or 0.0), float(pout or 0.0)
-    if config.get("backend") in ("local", "scripted"):  # the embedded model, or a test's: no bill
+    if config.get("backend") == "local":  # the embedded model runs here: no bill
         return 0.0, 0.0
     if config.get("backend") != "openai":
         return None

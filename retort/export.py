@@ -13,7 +13,8 @@
                 "task": "predict"}, {"input": "explain: <text>", "output": <rationale>, "task": "explain"},
                 and {"input": "explain_domain: <text>", "output": <domain_rationale>,
                 "task": "explain_domain"} when that column exists (the predict task trains on the gold
-                label, as the method does; the rationales are the model's)
+                label for every example, as the method does; an explain record is written only where
+                the model wrote a rationale)
     dpo         {"prompt", "chosen", "rejected"} strings
     dpo-chat    the same as message lists, TRL's conversational preference format: prompt is
                 [user], chosen and rejected are [assistant]
@@ -243,9 +244,11 @@ def _shape(fmt: str, have: list[str], stage: str) -> _Shape:
         _needs(fmt, have, stage, ("text", "label", "rationale"))
         tasks = [("rationale", "explain")] + ([("domain_rationale", "explain_domain")]
                                               if "domain_rationale" in have else [])
-        return _Shape(["input", "output", "task"], ("text", "label", *(c for c, _ in tasks)),
-                      lambda row: _multitask(row, tasks),
-                      {"predict": "label (gold)", **{task: column for column, task in tasks}}, gold="label")
+        # Every example trains predict (with its gold label, as distilling step by step does); an
+        # explain record is written only where the model wrote a rationale: none is ever invented.
+        return _Shape(["input", "output", "task"], ("text", "label"), lambda row: _multitask(row, tasks),
+                      {"predict": "label (gold)", **{task: column for column, task in tasks}}, gold="label",
+                      check_error=False)
     needs = _needs(fmt, have, stage, ("prompt", "chosen", "rejected"))
     return _Shape(["prompt", "chosen", "rejected"], needs, _dpo_chat if fmt == "dpo-chat" else _dpo,
                   {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"})
@@ -266,7 +269,8 @@ def _chat(user: Any, assistant: Any) -> list[Row]:
 def _multitask(row: Row, tasks: list[tuple[str, str]]) -> list[Row]:
     text = _text(row["text"])
     return [{"input": f"predict: {text}", "output": _text(row["label"]), "task": "predict"},
-            *({"input": f"{task}: {text}", "output": _text(row[column]), "task": task} for column, task in tasks)]
+            *({"input": f"{task}: {text}", "output": _text(row[column]), "task": task} for column, task in tasks
+              if _present(row.get(column)) and not row.get(ERROR))]
 
 
 def _dpo(row: Row) -> list[Row]:

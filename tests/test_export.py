@@ -152,11 +152,15 @@ def test_multitask_writes_predict_and_explain_records(db: Path) -> None:
         {"input": "predict: a funny film", "output": "positive", "task": "predict"},
         {"input": "explain: a funny film", "output": "It is funny.", "task": "explain"},
         {"input": "explain_domain: a funny film", "output": "Film: funny.", "task": "explain_domain"},
+        # every example trains predict on its gold label (the method's layout); a missing rationale
+        # writes no explain record, never an invented one
+        {"input": "predict: a dull film", "output": "negative", "task": "predict"},
+        {"input": "explain_domain: a dull film", "output": "Film: dull.", "task": "explain_domain"},
+        {"input": "predict: a fine film", "output": "positive", "task": "predict"},
+        {"input": "explain: a fine film", "output": "It is fine.", "task": "explain"},
     ]
-    # Before: the two rows missing a rationale still wrote "predict: text -> gold label" records.
     manifest = out["manifest"]
-    assert (manifest["rows"], manifest["kept"], manifest["dropped"]) == (3, 1, 2)
-    assert manifest["dropped_because"] == {"rationale": 1, "domain_rationale": 1}
+    assert (manifest["rows"], manifest["kept"], manifest["dropped"]) == (7, 3, 0)
     assert manifest["gold_label"] == "label"
     assert manifest["supervision"] == {"predict": "label (gold)", "explain": "rationale",
                                        "explain_domain": "domain_rationale"}
@@ -226,7 +230,7 @@ def test_export_function_returns_a_result(db: Path, tmp_path: Path) -> None:
     try:
         result = export(cache, 'main."table"', "table", "multitask", tmp_path / "mt.jsonl")
         assert isinstance(result, ExportResult)
-        assert (result.rows, result.kept, result.dropped, result.format) == (3, 1, 2, "multitask")
+        assert (result.rows, result.kept, result.dropped, result.format) == (7, 3, 0, "multitask")
         assert result.manifest == tmp_path / "mt.jsonl.manifest.json"
         raw = export(cache, 'main."table"', "table", "jsonl", tmp_path / "raw.jsonl", include_raw=True)
         assert "_raw" in _jsonl(raw.path)[0]
@@ -239,7 +243,7 @@ def test_export_function_returns_a_result(db: Path, tmp_path: Path) -> None:
 def test_files_load_with_hugging_face_datasets(db: Path, tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     cache_dir = str(tmp_path / "hf")
-    expected = {"jsonl": (3, "text"), "multitask": (3, "task"), "chat": (3, "messages"), "dpo": (2, "chosen"),
+    expected = {"jsonl": (3, "text"), "multitask": (7, "task"), "chat": (3, "messages"), "dpo": (2, "chosen"),
                 "dpo-chat": (2, "rejected")}
     for fmt, (rows, column) in expected.items():
         path = _export(db, "table", "--format", fmt)["path"]
@@ -353,14 +357,15 @@ def test_manifest_records_input_options_digests_and_sampling(workspace: Path) ->
                                  "limit": 3}
     assert manifest["options"] == {"input": None, "limit": 3, "map": {"text": "lower(text)"},
                                    "set": {"params.note": "hello", "models.default.api_key_env": "<redacted>"},
-                                   "model": {"default": "scripted:cls_replies:some"}}
+                                   "model": {"default": "scripted:cls_replies:some"}, "sample": None, "seed": 0}
     [stage] = manifest["stages"]
     assert stage["template"] == hashlib.sha256(b"Label this review: {{ text }}").hexdigest()
     labels = build_parser({"choice": ["positive", "negative"]}, "prediction")  # the rule with params filled in
     assert stage["parser"] == hashlib.sha256(labels.identity.encode()).hexdigest()
     assert (stage["rows_in"], stage["rows_out"], stage["parse_errors"]) == (3, 3, 1)
-    assert manifest["models"] == ["scripted:default"]
-    assert manifest["sampling"] == [{"model": "scripted:default", "tables": ["classify"],
+    [model] = manifest["models"]  # the scripted function's code is part of its identity
+    assert model.startswith("scripted:default:cls_replies:some@")
+    assert manifest["sampling"] == [{"model": model, "tables": ["classify"],
                                      "params": {"temperature": 0.3, "max_tokens": 12, "seed": 7}}]
 
 

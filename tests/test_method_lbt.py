@@ -459,7 +459,8 @@ def test_m2_pairs_on_constructed_replies_and_export(workspace: Path) -> None:
         assert prompt.endswith(f"[[Question]]:\nHow many apples does problem [{problem}] have?")
     assert texts["0.2"] == "Rationale p0-2: skill 3. Work it out.\n\n[[Final Answer]]:\n$10$\n"  # trim() keeps newlines
 
-    first = {"prompt": pairs[0][5], "chosen": texts["0.2"], "rejected": texts["0.0"]}
+    # exports strip surrounding whitespace (issue 12: 117 of 128 DPO texts ended in "\n")
+    first = {"prompt": pairs[0][5].strip(), "chosen": texts["0.2"].strip(), "rejected": texts["0.0"].strip()}
     out = workspace / "pairs.jsonl"
     proc = run_cli("export", "pairs", "--format", "dpo", "--out", str(out), cwd=workspace)
     assert proc.returncode == 0, proc.stderr

@@ -80,6 +80,6 @@ def test_prices() -> None:
     assert costs.price({"backend": "openai", "model": "gpt-4o-mini"}) == (0.15, 0.60)
     assert costs.price({"backend": "openai", "model": "gpt-4o-mini", "base_url": "http://127.0.0.1:8000/v1"}) is None
     assert costs.price({"backend": "openai", "model": "my-model", "price_input": 1, "price_output": 3}) == (1.0, 3.0)
-    assert costs.price({"backend": "local"}) == (0.0, 0.0)
+    assert costs.price({"backend": "local"}) == (0.0, 0.0) and costs.price({"backend": "scripted"}) is None
     assert costs.price({"backend": "vllm", "model": "x"}) is None
     assert costs.usd(1e6, 2e6, (1.0, 3.0)) == pytest.approx(7.0) and costs.usd(1, 1, None) is None

@@ -39,8 +39,10 @@ def right(request):
 def _cdmt(ws: Path, teacher: str, *args: str) -> tuple[int, str, str]:
     (ws / "evaluators" / "teachers.py").write_text(TEACHERS)
     (ws / "data" / "mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MINI))
+    # retort's gated variant (rows leave the dataset unless their label is right, misses rationalized):
+    # a teacher that never parses then leaves the dataset empty, the case that printed a plain "ok"
     proc = run_cli("run", "cdmt", "--input", "data/mini.jsonl", "--model", f"teacher=scripted:teachers:{teacher}",
-                   "-q", *args, cwd=ws)
+                   "--set", "params.gate=rows", "--set", "params.rationalize=true", "-q", *args, cwd=ws)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -73,8 +75,8 @@ def test_strict_exits_5_after_the_run_is_recorded(workspace: Path) -> None:
     assert json.loads(out)["warnings"] == GARBAGE_WARNINGS
     assert err.strip().splitlines()[-1] == "3 warning(s) and --strict: exit 5 (run 1 is recorded)"
     assert db_rows(workspace, "SELECT run_id, status FROM runs") == [(1, "ok")]
-    assert db_rows(workspace, "SELECT count(*) FROM main.teach") == [(5,)]  # the tables are there to inspect
-    assert db_rows(workspace, "SELECT count(*) FROM main.dataset") == [(0,)]
+    assert db_rows(workspace, "SELECT count(*) FROM cdmt.teach") == [(5,)]  # the tables are there to inspect
+    assert db_rows(workspace, "SELECT count(*) FROM cdmt.dataset") == [(0,)]
     code, _, err = _cdmt(workspace, "garbage", "--set", "strict=true")  # the spec setting does the same
     assert code == 5
     assert err.strip().splitlines()[-1].startswith("3 warning(s) and strict: true in ")
