@@ -24,7 +24,8 @@ PIPELINES = ["sse_cot", "cdmt", "lbt_m1", "lbt_m2", "lbt_m3", "bridge", "direct"
 MODELS = "*=scripted:retort.backends.scripted:parsable"
 # Stage tables that generic replies leave empty by the pipeline's design, and why.
 EMPTY = {
-    ("cdmt", "dataset"): "keeps rationales whose label equals the gold label; generic replies never name it",
+    ("cdmt", "retry"): "the rows to ask again, only with params.rationalize=true (off by default, as the reference)",
+    ("cdmt", "rationalize"): "asks again only the rows of retry",
     ("lbt_m1", "problem_vec"): "embeds problems only with params.exam=knn",
     ("lbt_m2", "problem_vec"): "embeds problems only with params.exam=knn",
     ("lbt_m2", "pairs"): "pairs a better with a worse rationale; generic replies score every rationale alike",
