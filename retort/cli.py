@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -169,13 +170,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     ws = _workspace(args)
     table = Table(title="pipelines", title_justify="left")
-    for col in ("name", "stages", "description", "path"):
-        table.add_column(col)
+    for col in ("name", "stages", "description", "path"):  # whole words: a name or path is never cut
+        table.add_column(col, overflow="ellipsis" if col == "description" else "fold",
+                         no_wrap=col in ("name", "stages"), min_width=len(col))
     for name, path in ws.pipelines().items():
         try:
             spec, _ = load_pipeline(path)
-            description = " ".join((spec.description or "").split())
-            table.add_row(name, str(len(spec.stages)), description.split(": ")[0].split(". ")[0][:90],
+            description = " ".join((spec.description or "").split()).split(": ")[0].split(". ")[0]
+            table.add_row(name, str(len(spec.stages)), textwrap.shorten(description, 90, placeholder=" …"),
                           _short(path))
         except RetortError as exc:
             table.add_row(name, "?", f"[red]invalid: {exc}[/red]", _short(path))
@@ -469,6 +471,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from rich.table import Table
 
+    if args.action == "vacuum":
+        return _vacuum(args)
     cache = _open_read(args)
     try:
         rows = cache.con.execute(
@@ -486,6 +490,27 @@ def cmd_cache(args: argparse.Namespace) -> int:
     for r in rows:
         table.add_row(*(str(x) for x in r))
     _console().print(table)
+    return 0
+
+
+def _vacuum(args: argparse.Namespace) -> int:
+    from retort.cache import Cache
+
+    path = _db_path(args)
+    if not path.exists():
+        raise NotFoundError(f"no retort database at {path}; run a pipeline first")
+    wal = path.with_name(path.name + ".wal")
+    before = path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+    cache = Cache(path)
+    try:
+        calls = cache.count("calls")
+        cache.execute("VACUUM")
+        cache.execute("CHECKPOINT")
+        assert cache.count("calls") == calls  # nothing recorded is removed
+    finally:
+        cache.close()
+    after = path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+    print(f"{_short(path)}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({calls:,} calls kept)")
     return 0
 
 
@@ -605,8 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=int, help="an earlier run's table")
     p.add_argument("--where", help="a SQL filter over the table's columns, e.g. \"label = 'positive'\"")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("cache", help="cache statistics")
-    p.add_argument("action", choices=["stats"])
+    p = sub.add_parser("cache", help="cache statistics, and compacting the file")
+    p.add_argument("action", choices=["stats", "vacuum"],
+                   help="stats: calls, tokens and latency per model; vacuum: fold the write-ahead log into the "
+                        "file and reclaim the space of pruned runs (nothing recorded is removed)")
     p.set_defaults(func=cmd_cache)
     p = sub.add_parser("keep", help="pin runs: their tables are kept whatever their age")
     p.add_argument("runs", type=int, nargs="+", metavar="RUN")

@@ -105,3 +105,12 @@ def test_schema_into_a_closed_pipe_and_init_and_db_after_the_command(ws: Path, t
     shown = run_cli("show", "ask", "--db", str(other), cwd=ws)
     assert shown.returncode == 0 and "(20 rows)" in shown.stdout
     assert not (ws / ".retort" / "retort.duckdb").exists()
+
+
+def test_cache_vacuum_keeps_every_call(ws: Path) -> None:
+    assert run_cli("run", "p", "-q", cwd=ws).returncode == 0
+    out = run_cli("cache", "vacuum", cwd=ws)
+    assert out.returncode == 0 and "(20 calls kept)" in out.stdout, out.stderr
+    assert rows(ws, "SELECT count(*) FROM calls") == [(20,)] and rows(ws, "SELECT count(*) FROM p.ask") == [(20,)]
+    stats = run_cli("cache", "stats", cwd=ws)
+    assert stats.returncode == 0 and "20" in stats.stdout
