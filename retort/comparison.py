@@ -396,7 +396,7 @@ class Comparer:
             targets.update(cli)
             try:
                 parsed = {k: parse_target(t) for k, t in targets.items()}
-            except BackendError as exc:
+            except (BackendError, UserError) as exc:
                 raise src.error(str(exc), (*at, "model")) from None
             stage, column = _split_predict(strategy.predict or spec.predict or "")  # type: ignore[misc]
             names = [s.name for s in pipeline.stages]

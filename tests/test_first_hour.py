@@ -114,3 +114,8 @@ def test_cache_vacuum_keeps_every_call(ws: Path) -> None:
     assert rows(ws, "SELECT count(*) FROM calls") == [(20,)] and rows(ws, "SELECT count(*) FROM p.ask") == [(20,)]
     stats = run_cli("cache", "stats", cwd=ws)
     assert stats.returncode == 0 and "20" in stats.stdout
+
+
+def test_a_typo_in_a_model_target_is_a_usage_error(ws: Path) -> None:
+    line = error_line(run_cli("run", "p", "--model", "default=opneai:gpt-4o-mini", cwd=ws))
+    assert "--model target 'opneai:gpt-4o-mini'" in line and "openai:MODEL" in line

@@ -65,5 +65,5 @@ def parse_target(target: str) -> dict[str, Any]:
         return {"backend": "langchain", "factory": target[10:]}
     if target.startswith("vllm:"):
         return {"backend": "vllm", "model": target[5:]}
-    raise BackendError(f"--model target {target!r}: expected local, a URL, openai:MODEL, vllm:MODEL, "
-                       "scripted:module:function or langchain:module:attr")
+    raise UserError(f"--model target {target!r}: expected local, a URL, openai:MODEL, vllm:MODEL, "
+                    "scripted:module:function or langchain:module:attr")
