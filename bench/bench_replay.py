@@ -66,6 +66,15 @@ def run_once(root: Path, spec_path: Path, reuse: bool = False) -> tuple[float, f
 
 
 def main() -> None:
+    """Under the collector settings `retort run` uses for its own process (retort.cli.collector_for_runs);
+    the library itself changes nothing process-wide."""
+    from retort.cli import collector_for_runs
+
+    with collector_for_runs():
+        _main()
+
+
+def _main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=3)

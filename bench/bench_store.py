@@ -140,6 +140,15 @@ def lag(rows: int, workdir: Path) -> dict[str, float]:
 
 
 def main() -> None:
+    """Under the collector settings `retort run` uses for its own process (retort.cli.collector_for_runs);
+    the library itself changes nothing process-wide."""
+    from retort.cli import collector_for_runs
+
+    with collector_for_runs():
+        _main()
+
+
+def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000, 10_000_000])
     parser.add_argument("--lag-rows", type=int, default=100_000)

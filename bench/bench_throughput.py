@@ -359,6 +359,15 @@ def print_best(best: Best, repeat: int) -> None:
 
 
 def main() -> None:
+    """Under the collector settings `retort run` uses for its own process (retort.cli.collector_for_runs);
+    the library itself changes nothing process-wide."""
+    from retort.cli import collector_for_runs
+
+    with collector_for_runs():
+        _main()
+
+
+def _main() -> None:
     global PROFILE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=10_000, help="timed requests (retort: rows) per contender")

@@ -897,9 +897,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if not sep or not key:
                 raise UserError(f"--map {item!r}: expected NAME=COLUMN")
             columns[key] = value
-        result = run_comparison(ws, path, cache, limit=args.limit, model_targets=targets,
-                                max_retries=args.retries, progress=not args.quiet, input_path=args.input,
-                                columns=columns, overrides=args.set or [], sample=args.sample, seed=args.seed)
+        from retort.cli import collector_for_runs
+
+        with collector_for_runs():
+            result = run_comparison(ws, path, cache, limit=args.limit, model_targets=targets,
+                                    max_retries=args.retries, progress=not args.quiet, input_path=args.input,
+                                    columns=columns, overrides=args.set or [], sample=args.sample, seed=args.seed)
     finally:
         cache.close()
     out = Path(args.out) if args.out else ws.root / "reports" / str(spec.name)
