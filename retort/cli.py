@@ -35,7 +35,8 @@ def _db_path(args: argparse.Namespace) -> Path:
     return Path(args.db) if args.db else _workspace(args).db_path
 
 
-def _kv(items: list[str] | None, flag: str) -> dict[str, str]:
+def name_values(items: list[str] | None, flag: str) -> dict[str, str]:
+    """`--model`, `--map`: NAME=VALUE items as a dict; anything else is one usage error."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -52,8 +53,8 @@ def _runner(args: argparse.Namespace, mode: str, cache: Any, progress: Any = Non
 
     ws = _workspace(args)
     pipeline, source = load_pipeline(ws.pipeline(args.pipeline), args.set or [])
-    targets = {name: backends.parse_target(t) for name, t in _kv(args.model, "--model").items()}
-    return Runner(ws, pipeline, source, cache, mode=mode, input_path=args.input, columns=_kv(args.map, "--map"),
+    targets = {name: backends.parse_target(t) for name, t in name_values(args.model, "--model").items()}
+    return Runner(ws, pipeline, source, cache, mode=mode, input_path=args.input, columns=name_values(args.map, "--map"),
                   limit=args.limit, sample=args.sample, seed=args.seed, model_targets=targets, progress=progress,
                   max_retries=args.retries, argv=shlex.join(sys.argv[1:]),
                   reuse=not getattr(args, "no_reuse", False), max_failures=getattr(args, "max_failures", 0))

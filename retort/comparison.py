@@ -882,23 +882,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if name not in spec.strategies:
                 raise NotFoundError(f"--disagree {name}: no strategy {name!r} in {spec.name} "
                                     f"(strategies: {', '.join(spec.strategies)})")
-    targets: dict[str, str] = {}
-    for item in args.model or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--model {item!r}: expected NAME=TARGET")
-        targets[key] = value
+    from retort.cli import collector_for_runs, name_values
+
+    targets = name_values(args.model, "--model")  # usage errors before the cache is opened
+    columns = name_values(args.map, "--map")
     db = Path(args.db) if getattr(args, "db", None) else ws.db_path
     cache = Cache(db)
     try:
-        columns: dict[str, str] = {}
-        for item in args.map or []:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise UserError(f"--map {item!r}: expected NAME=COLUMN")
-            columns[key] = value
-        from retort.cli import collector_for_runs
-
         with collector_for_runs():
             result = run_comparison(ws, path, cache, limit=args.limit, model_targets=targets,
                                     max_retries=args.retries, progress=not args.quiet, input_path=args.input,
