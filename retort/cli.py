@@ -398,8 +398,11 @@ def _show_lineage(args: argparse.Namespace) -> int:
         raise UserError("--lineage needs --row ID (a row's _id; `retort show STAGE` lists them)")
     cache = _open_read(args)
     try:
-        run = args.run if args.run is not None else find_run(cache.con, args.stage)
-        found = lineage(cache.con, run, args.stage, args.row)
+        # `PIPELINE.STAGE`, a bare STAGE or `--run N`, as `show` names tables; then the run that holds it
+        _, run_id, _ = cache.resolve(args.stage, args.run)
+        stage = args.stage.rpartition(".")[2]
+        run = run_id if run_id is not None else find_run(cache.con, stage)
+        found = lineage(cache.con, run, stage, args.row)
     finally:
         cache.con.close()
     if args.json:

@@ -179,8 +179,8 @@ def test_lineage_reads_the_run_schemas(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["classify", "--lineage"], "--lineage needs --row ID"),
     (["classify", "--row", "99.0", "--lineage"], "has no row with _id '99.0' (ids look like: 0.0, 1.0"),
-    (["nothing", "--row", "1", "--lineage"], "no kept run has a table 'nothing'"),
-    (["classify", "--row", "1", "--lineage", "--run", "7"], "run 7 has no tables"),
+    (["nothing", "--row", "1", "--lineage"], "no pipeline has a table 'nothing'"),
+    (["classify", "--row", "1", "--lineage", "--run", "7"], "no run 7 in "),
     (["classify", "--row", "99.0"], "has no row with _id '99.0'"),
     (["calls", "--row", "1"], "has no _id column"),
     (["classify", "--where", "nonsense ==="], "--where 'nonsense ===': Parser Error"),
