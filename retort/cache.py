@@ -445,7 +445,7 @@ class Cache:
         where = f"pipeline {namespace!r} has" if namespace else "no pipeline has"
         made = self.con.execute(
             "SELECT r.run_id, r.pipeline, r.status FROM runs r WHERE list_contains("
-            "list_transform(CAST(json_extract(r.stats, '$.stages') AS JSON[]), s -> s->>'name'), ?) "
+            "list_transform(CAST(json_extract(r.stats, '$.stages') AS JSON[]), lambda s: s->>'name'), ?) "
             + ("AND coalesce(r.namespace, r.pipeline) = ? " if namespace else "")
             + "ORDER BY r.run_id DESC LIMIT 1", [stage, namespace] if namespace else [stage]).fetchall()
         if made:

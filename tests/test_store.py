@@ -327,3 +327,20 @@ def picky(request):
     ok = run_cli("run", "p", "-q", "--retries", "0", "--max-failures", "1", cwd=tmp_path)
     assert ok.returncode == 0
     assert sql(tmp_path, "SELECT count(*) FROM p.ask") == [(5,)]  # accepted, with its failure recorded
+
+
+def test_a_missing_table_says_where_it_is_and_what_to_do(tmp_path: Path) -> None:
+    make(tmp_path, DUPES, rows=6)
+    (tmp_path / "evaluators" / "funcs.py").write_text(FUNCS + '''
+def picky(request):
+    if "item 3" in request.messages[-1]["content"]:
+        raise RuntimeError("no")
+    return "fine"
+''')
+    (tmp_path / "pipelines" / "p.yaml").write_text(DUPES.replace('"funcs:slow"', '"funcs:picky"'))
+    assert run_cli("run", "p", "-q", "--retries", "0", cwd=tmp_path).returncode == 1  # only a failed run
+    out = run_cli("show", "ask", cwd=tmp_path)
+    assert out.returncode == 2 and "run 1 (p) is failed: `--run 1` shows its rows" in out.stderr
+    out = run_cli("show", "nope", cwd=tmp_path)
+    assert out.returncode == 2 and "no pipeline has a table 'nope'" in out.stderr and "internal" not in out.stderr
+    assert run_cli("show", "ask", "--run", "1", cwd=tmp_path).returncode == 0
