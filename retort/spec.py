@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from retort.errors import SpecError
 
@@ -102,6 +102,12 @@ class PromptStage(_Stage):
         if v is not None and info.data.get("prompt"):
             raise ValueError("give `prompt` or `template`, not both")
         return v
+
+    @model_validator(mode="after")
+    def _a_template(self) -> PromptStage:
+        if self.prompt is None and self.template is None:
+            raise ValueError("a prompt stage needs `prompt` (a template in prompts/) or an inline `template`")
+        return self
 
 
 class SqlStage(_Stage):
@@ -395,6 +401,8 @@ def _message(err: Any) -> str:
         return "unknown field (not allowed here; `retort schema` lists the fields)"
     if kind == "missing":
         return "field required"
+    if kind == "value_error":  # our own validators' words, without pydantic's "Value error, "
+        return str(msg).removeprefix("Value error, ")
     inp = err.get("input")
     shown = f" (got {inp!r})" if isinstance(inp, (str, int, float, bool)) and len(repr(inp)) < 60 else ""
     return f"{msg[0].lower()}{msg[1:]}{shown}" if msg else kind

@@ -119,3 +119,10 @@ def test_cache_vacuum_keeps_every_call(ws: Path) -> None:
 def test_a_typo_in_a_model_target_is_a_usage_error(ws: Path) -> None:
     line = error_line(run_cli("run", "p", "--model", "default=opneai:gpt-4o-mini", cwd=ws))
     assert "--model target 'opneai:gpt-4o-mini'" in line and "openai:MODEL" in line
+
+
+def test_a_prompt_stage_without_a_template_is_a_spec_error(ws: Path) -> None:
+    (ws / "pipelines" / "p.yaml").write_text(PIPELINE.replace('    template: "Say: {{ text }}"\n', "    samples: 2\n"))
+    line = error_line(run_cli("run", "p", cwd=ws))
+    assert "p.yaml:5 stages[0] (ask): a prompt stage needs `prompt`" in line
+    assert rows(ws, "SELECT count(*) FROM runs") == [(0,)]  # nothing ran
