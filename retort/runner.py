@@ -601,9 +601,7 @@ class Runner:
     def _template(self, stage: PromptStage) -> Template:
         if stage.template is not None:
             return Template(stage.template, f"{self.src.file} (stage {stage.name})")
-        if stage.prompt is None:
-            raise self._stage_error(stage, "prompt", "a prompt stage needs `prompt` (a template in prompts/) "
-                                                     "or an inline `template`")
+        assert stage.prompt is not None  # the spec model requires one of the two
         path = self.ws.prompt(stage.prompt)
         if path is None:
             raise self._stage_error(stage, "prompt", f"no template {stage.prompt!r} in prompts/ of "
