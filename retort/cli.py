@@ -672,9 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keep)
     p = sub.add_parser("schema", help="the JSON Schema of the pipeline spec")
     p.set_defaults(func=cmd_schema)
-    from retort import comparison as compare
-
-    compare.add_parser(sub)
+    _add_compare_parser(sub)
     for command in sub.choices.values():  # `retort show X --db F` as well as `retort --db F show X`
         command.add_argument("-C", "--workspace", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         command.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -682,6 +680,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_init)
     return parser
+
+
+def _add_compare_parser(sub: Any) -> None:
+    """`retort compare`'s options; retort.comparison is imported only when it runs (start-up time)."""
+    p = sub.add_parser("compare", help="compare prompting strategies on the same items: paired statistics, "
+                                       "cost, a report",
+                       description="Run every strategy of a comparison spec (what is cached is not called "
+                                   "again), score them on the same items and write report.md, report.json and "
+                                   "report.html.")
+    p.add_argument("spec", help="a comparison name (comparisons/NAME.yaml) or a path to a YAML file")
+    p.add_argument("--out", metavar="DIR", help="report folder (default: reports/NAME/ in the workspace)")
+    p.add_argument("--limit", type=positive, metavar="N",
+                   help="only the first N dataset rows (overrides dataset.limit)")
+    p.add_argument("--sample", type=positive, metavar="N", help="a random subset of N dataset rows (seeded)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="the seed of --sample (default 0)")
+    p.add_argument("--input", metavar="FILE", help="another dataset for every strategy (JSONL, CSV, Parquet, JSON)")
+    p.add_argument("--map", action="append", metavar="COLUMN=EXPR",
+                   help="map a dataset column (or a DuckDB expression) to a pipeline column, for every strategy")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                   help="override a value in every strategy's pipeline (before the strategy's own set:)")
+    p.add_argument("--model", action="append", metavar="NAME=TARGET",
+                   help="point a named model of every strategy at another backend (as in `retort run`); "
+                        "NAME '*' means every model and replaces the strategies' own targets")
+    p.add_argument("--disagree", nargs=2, metavar=("A", "B"),
+                   help="list the items on which strategies A and B predict differently")
+    p.add_argument("--format", choices=["table", "md", "json", "html"], default="table",
+                   help="what to print (the three report files are always written)")
+    p.add_argument("--retries", type=int, default=5, help="retries of a retryable call failure (default 5)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from retort.comparison import cmd_compare
+
+    return cmd_compare(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,7 @@ from retort.stats import (
     interval,
 )
 
-__all__ = ["ComparisonSpec", "add_parser", "bootstrap_statistic", "choice_match", "cmd_compare", "json_schema",
+__all__ = ["ComparisonSpec", "bootstrap_statistic", "choice_match", "cmd_compare", "json_schema",
            "load_comparison", "run_comparison"]
 
 FOLDER = "comparisons"
@@ -911,34 +911,3 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"reports: {_short(paths['md'])}, {paths['json'].name}, {paths['html'].name}; per item: "
           f"retort show compare_items --where \"comparison = '{spec.name}'\"", file=sys.stderr)
     return 0
-
-
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("compare", help="compare prompting strategies on the same items: paired statistics, "
-                                       "cost, a report",
-                       description="Run every strategy of a comparison spec (what is cached is not called "
-                                   "again), score them on the same items and write report.md, report.json and "
-                                   "report.html.")
-    p.add_argument("spec", help=f"a comparison name ({FOLDER}/NAME.yaml) or a path to a YAML file")
-    p.add_argument("--out", metavar="DIR", help="report folder (default: reports/NAME/ in the workspace)")
-    from retort.cli import positive
-
-    p.add_argument("--limit", type=positive, metavar="N",
-                   help="only the first N dataset rows (overrides dataset.limit)")
-    p.add_argument("--sample", type=positive, metavar="N", help="a random subset of N dataset rows (seeded)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="the seed of --sample (default 0)")
-    p.add_argument("--input", metavar="FILE", help="another dataset for every strategy (JSONL, CSV, Parquet, JSON)")
-    p.add_argument("--map", action="append", metavar="COLUMN=EXPR",
-                   help="map a dataset column (or a DuckDB expression) to a pipeline column, for every strategy")
-    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
-                   help="override a value in every strategy's pipeline (before the strategy's own set:)")
-    p.add_argument("--model", action="append", metavar="NAME=TARGET",
-                   help="point a named model of every strategy at another backend (as in `retort run`); "
-                        "NAME '*' means every model and replaces the strategies' own targets")
-    p.add_argument("--disagree", nargs=2, metavar=("A", "B"),
-                   help="list the items on which strategies A and B predict differently")
-    p.add_argument("--format", choices=["table", "md", "json", "html"], default="table",
-                   help="what to print (the three report files are always written)")
-    p.add_argument("--retries", type=int, default=5, help="retries of a retryable call failure (default 5)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
-    p.set_defaults(func=cmd_compare)
