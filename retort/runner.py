@@ -278,6 +278,9 @@ class Runner:
         self.run_id: int | None = None
         self.schema = "temp"
         self.spec_dir = Path(source.file).resolve().parent.parent
+        # The spec's file as one string however it was named (`p`, `pipelines/p.yaml`, an absolute path),
+        # so the up-to-date check knows it is the same pipeline.
+        self.spec_path = str(Path(source.file).resolve()) if Path(source.file).exists() else source.file
 
     # ------------------------------------------------------------ models
 
@@ -368,7 +371,7 @@ class Runner:
         text = Path(self.src.file).read_bytes() if Path(self.src.file).is_file() else b""
         spec_hash = hashlib.sha256(text + self.spec.model_dump_json().encode()).hexdigest()[:16]
         # Held open while stages are only reused (views): a wholly reused rerun commits once.
-        self.run_id = self.cache.start_run(result.pipeline, self.src.file, spec_hash, self.argv,
+        self.run_id = self.cache.start_run(result.pipeline, self.spec_path, spec_hash, self.argv,
                                            namespace=self.namespace, hold=self.reuse)
         result.run_id = self.run_id
         self.schema = f"run_{self.run_id}"
@@ -428,7 +431,7 @@ class Runner:
         if latest is None or len(model_stages) < len(self.spec.stages):
             return False
         run_id, pipeline, spec_path, status, record = latest
-        if (status, pipeline, spec_path) != ("ok", result.pipeline, self.src.file) or not record:
+        if (status, pipeline, spec_path) != ("ok", result.pipeline, self.spec_path) or not record:
             return False
         before = orjson.loads(record)
         prints, stages = before.get("fingerprints") or {}, before.get("stages") or []

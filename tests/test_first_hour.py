@@ -126,3 +126,11 @@ def test_a_prompt_stage_without_a_template_is_a_spec_error(ws: Path) -> None:
     line = error_line(run_cli("run", "p", cwd=ws))
     assert "p.yaml:5 stages[0] (ask): a prompt stage needs `prompt`" in line
     assert rows(ws, "SELECT count(*) FROM runs") == [(0,)]  # nothing ran
+
+
+def test_a_pipeline_named_two_ways_is_the_same_pipeline(ws: Path) -> None:
+    assert run_cli("run", "p", "-q", cwd=ws).returncode == 0
+    again = run_cli("run", "pipelines/p.yaml", "--json", "-q", cwd=ws)
+    assert json.loads(again.stdout)["up_to_date"] is True
+    assert run_cli("run", str(ws / "pipelines" / "p.yaml"), "-q", cwd=ws).returncode == 0
+    assert rows(ws, "SELECT count(*) FROM runs") == [(1,)]  # one run, however the pipeline was named
