@@ -11,19 +11,18 @@ Skipped, with the reason, when Chromium is not installed.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import select
 import shutil
 import subprocess
-import sys
 import textwrap
 import time
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import devtools as cdp
 import pytest
 from conftest import run_cli
 
@@ -154,65 +153,11 @@ def test_screenshot_is_saved_as_an_artifact(report: Path, tmp_path: Path) -> Non
 # --------------------------------------------------------------------------- DevTools over a pipe
 
 
-class DevTools:
-    """A minimal Chrome DevTools Protocol client over --remote-debugging-pipe (fds 3 and 4, NUL-framed JSON)."""
+class DevTools(cdp.DevTools):
+    """The shared DevTools client (tests/devtools.py), opening a report file."""
 
     def __init__(self, tmp: Path) -> None:
-        to_chrome_r, self._w = os.pipe()
-        self._r, from_chrome_w = os.pipe()
-        # high descriptors, so that moving them to 3 and 4 in the child cannot clobber one another
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_chrome_r, from_chrome_w)]
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
-        trampoline = ("import os, sys; r, w = int(sys.argv[1]), int(sys.argv[2]); os.dup2(r, 3); os.dup2(w, 4); "
-                      "os.close(r); os.close(w); os.execv(sys.argv[3], sys.argv[3:])")
-        profile = tmp / "profile-devtools"
-        self.proc = subprocess.Popen([sys.executable, "-c", trampoline, *map(str, high), str(CHROMIUM), *FLAGS,
-                                      f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
-                                     pass_fds=high, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for fd in high:
-            os.close(fd)
-        self._buffer = b""
-        self._next = 0
-        self.events: list[dict[str, Any]] = []
-        self.session: str | None = None
-
-    def send(self, method: str, params: dict[str, Any] | None = None, *, browser: bool = False) -> dict[str, Any]:
-        self._next += 1
-        message: dict[str, Any] = {"id": self._next, "method": method, "params": params or {}}
-        if self.session and not browser:
-            message["sessionId"] = self.session
-        os.write(self._w, json.dumps(message).encode() + b"\0")
-        reply = self._read(lambda m: m.get("id") == self._next)
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply.get("result", {})  # type: ignore[no-any-return]
-
-    def wait_for(self, method: str) -> dict[str, Any]:
-        for event in self.events:
-            if event.get("method") == method:
-                return event
-        return self._read(lambda m: m.get("method") == method)
-
-    def _read(self, match: Any) -> dict[str, Any]:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            while b"\0" in self._buffer:
-                raw, self._buffer = self._buffer.split(b"\0", 1)
-                message = json.loads(raw)
-                if "method" in message:
-                    self.events.append(message)
-                if match(message):
-                    return message  # type: ignore[no-any-return]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("Chromium did not answer over the DevTools pipe")
-            ready, _, _ = select.select([self._r], [], [], min(left, 1.0))
-            if ready:
-                chunk = os.read(self._r, 1 << 20)
-                if not chunk:
-                    raise EOFError("Chromium closed the DevTools pipe")
-                self._buffer += chunk
+        super().__init__(tmp / "profile-devtools", ["--host-resolver-rules=MAP * ~NOTFOUND"], local=("file://",))
 
     def open(self, url: str) -> None:
         target = self.send("Target.createTarget", {"url": "about:blank"}, browser=True)["targetId"]
@@ -221,7 +166,7 @@ class DevTools:
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.send(f"{domain}.enable")
         self.send("Page.navigate", {"url": url})
-        self.wait_for("Page.loadEventFired")
+        self.wait_event("Page.loadEventFired")
         self.settle()
 
     def settle(self, seconds: float = 0.5) -> None:
@@ -239,42 +184,6 @@ class DevTools:
             message = json.loads(raw)
             if "method" in message:
                 self.events.append(message)
-
-    def evaluate(self, expression: str) -> Any:
-        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})
-        return result["result"].get("value")
-
-    def problems(self) -> list[str]:
-        """Everything that should never happen on the report: console errors and warnings, uncaught
-        exceptions, error log entries (CSP violations land here), and requests to anything but the file."""
-        out = []
-        for event in self.events:
-            method, params = event["method"], event.get("params", {})
-            if method == "Runtime.exceptionThrown":
-                out.append(f"uncaught: {params['exceptionDetails'].get('text')}")
-            elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "warning", "assert"):
-                out.append(f"console.{params['type']}: {params.get('args')}")
-            elif method == "Log.entryAdded" and params["entry"]["level"] in ("error", "warning"):
-                out.append(f"log {params['entry']['source']}: {params['entry']['text']}")
-            elif method == "Network.requestWillBeSent" and not params["request"]["url"].startswith(
-                    ("file://", "about:", "data:")):
-                out.append(f"request: {params['request']['url']}")
-        return out
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.send("Browser.close", browser=True)
-        except (OSError, TimeoutError, EOFError, RuntimeError):
-            pass
-        finally:
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            os.close(self._w)
-            os.close(self._r)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ process holding the file gets one clear line.
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import os
 import select
@@ -28,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import devtools as cdp
 import duckdb
 import pytest
 from conftest import ROOT, db_rows, run_cli
@@ -118,58 +118,12 @@ def viewer(ws: Path) -> Iterator[Viewer]:
 # --------------------------------------------------------------------------- Chromium over DevTools
 
 
-class Browser:
-    """A minimal Chrome DevTools Protocol client over --remote-debugging-pipe (fds 3 and 4, NUL-framed JSON)."""
+class Browser(cdp.DevTools):
+    """The shared DevTools client (tests/devtools.py), driving the viewer's pages."""
 
     def __init__(self, tmp: Path) -> None:
-        to_chrome_r, self._w = os.pipe()
-        self._r, from_chrome_w = os.pipe()
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_chrome_r, from_chrome_w)]  # clear of 3 and 4
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
-        trampoline = ("import os, sys; r, w = int(sys.argv[1]), int(sys.argv[2]); os.dup2(r, 3); os.dup2(w, 4); "
-                      "os.close(r); os.close(w); os.execv(sys.argv[3], sys.argv[3:])")
-        self.proc = subprocess.Popen([sys.executable, "-c", trampoline, *map(str, high), str(CHROMIUM), *FLAGS,
-                                      f"--user-data-dir={tmp / 'profile'}", "--remote-debugging-pipe",
-                                      "about:blank"], pass_fds=high, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        for fd in high:
-            os.close(fd)
-        self._buffer = b""
-        self._next = 0
-        self.events: list[dict[str, Any]] = []
-        self.session: str | None = None
-
-    def send(self, method: str, params: dict[str, Any] | None = None, *, browser: bool = False) -> dict[str, Any]:
-        self._next += 1
-        message: dict[str, Any] = {"id": self._next, "method": method, "params": params or {}}
-        if self.session and not browser:
-            message["sessionId"] = self.session
-        os.write(self._w, json.dumps(message).encode() + b"\0")
-        reply = self._read(lambda m: m.get("id") == self._next)
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply.get("result", {})  # type: ignore[no-any-return]
-
-    def _read(self, match: Any) -> dict[str, Any]:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            while b"\0" in self._buffer:
-                raw, self._buffer = self._buffer.split(b"\0", 1)
-                message = json.loads(raw)
-                if "method" in message:
-                    self.events.append(message)
-                if match(message):
-                    return message  # type: ignore[no-any-return]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("Chromium did not answer over the DevTools pipe")
-            ready, _, _ = select.select([self._r], [], [], min(left, 1.0))
-            if ready:
-                chunk = os.read(self._r, 1 << 20)
-                if not chunk:
-                    raise EOFError("Chromium closed the DevTools pipe")
-                self._buffer += chunk
+        super().__init__(tmp / "profile", ["--hide-scrollbars", "--window-size=1200,900"],
+                         local=("http://127.0.0.1:",))
 
     def open(self, url: str, *, app: bool = True) -> None:
         if self.session is None:
@@ -192,13 +146,6 @@ class Browser:
         """Click `element` (a JS expression) and wait until the view it leads to is drawn."""
         self.evaluate(f"document.body.dataset.state = 'stale'; ({element}).click()")
         self.wait_ready()
-
-    def evaluate(self, expression: str) -> Any:
-        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                "awaitPromise": True})
-        if "exceptionDetails" in result:
-            raise RuntimeError(result["exceptionDetails"])
-        return result["result"].get("value")
 
     def wait_for(self, condition: str) -> None:
         deadline = time.monotonic() + TIMEOUT
@@ -226,37 +173,6 @@ class Browser:
         (ARTIFACTS / ".gitignore").write_text("*\n")  # artifacts never enter the repository
         (ARTIFACTS / f"{name}.png").write_bytes(data)
         return data
-
-    def problems(self) -> list[str]:
-        """Console errors, uncaught exceptions, CSP violations, and requests to anything but the viewer."""
-        out = []
-        for event in self.events:
-            method, params = event["method"], event.get("params", {})
-            if method == "Runtime.exceptionThrown":
-                out.append(f"uncaught: {params['exceptionDetails'].get('text')}")
-            elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "warning", "assert"):
-                out.append(f"console.{params['type']}: {params.get('args')}")
-            elif method == "Log.entryAdded" and params["entry"]["level"] in ("error", "warning"):
-                out.append(f"log {params['entry']['source']}: {params['entry']['text']}")
-            elif method == "Network.requestWillBeSent" and not params["request"]["url"].startswith(
-                    ("http://127.0.0.1:", "about:", "data:")):
-                out.append(f"request: {params['request']['url']}")
-        return out
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.send("Browser.close", browser=True)
-        except (OSError, TimeoutError, EOFError, RuntimeError):
-            pass
-        finally:
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            os.close(self._w)
-            os.close(self._r)
 
 
 @pytest.fixture
