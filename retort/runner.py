@@ -586,7 +586,7 @@ class Runner:
         (a plan keeps its placeholders), filtered by its `where:` (a template over params)."""
         filters = []
         if "_error" in columns:
-            filters.append(f"(_error IS NULL OR _error = '{NOT_CACHED}')" if self.dry else "_error IS NULL")
+            filters.append("_error IS NULL")  # a plan's placeholders pass too: their _error is NULL (see emit)
         if stage.where:
             try:
                 filters.append(f"({render_sql(stage.where, self.spec.params)})")

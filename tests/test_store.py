@@ -34,6 +34,12 @@ def mixed(request):
 def slow(request):
     time.sleep(0.02)
     return "answer: " + request.messages[-1]["content"]
+
+def picky(request):
+    """Fails for item 3, whatever is asked of it."""
+    if "item 3" in request.messages[-1]["content"]:
+        raise RuntimeError("no")
+    return "fine"
 '''
 
 
@@ -311,12 +317,6 @@ def test_one_call_per_distinct_prompt(tmp_path: Path) -> None:
 def test_a_run_over_max_failures_is_kept_but_not_the_latest(tmp_path: Path) -> None:
     make(tmp_path, DUPES, rows=6)
     assert run_cli("run", "p", "-q", cwd=tmp_path).returncode == 0
-    (tmp_path / "evaluators" / "funcs.py").write_text(FUNCS + '''
-def picky(request):
-    if "item 3" in request.messages[-1]["content"]:
-        raise RuntimeError("no")
-    return "fine"
-''')
     picky = DUPES.replace('"funcs:slow"', '"funcs:picky"').replace('template: "{{ text }}"', 'template: "{{ text }}!"')
     (tmp_path / "pipelines" / "p.yaml").write_text(picky)
     out = run_cli("run", "p", "-q", "--retries", "0", cwd=tmp_path)
@@ -331,12 +331,6 @@ def picky(request):
 
 def test_a_missing_table_says_where_it_is_and_what_to_do(tmp_path: Path) -> None:
     make(tmp_path, DUPES, rows=6)
-    (tmp_path / "evaluators" / "funcs.py").write_text(FUNCS + '''
-def picky(request):
-    if "item 3" in request.messages[-1]["content"]:
-        raise RuntimeError("no")
-    return "fine"
-''')
     (tmp_path / "pipelines" / "p.yaml").write_text(DUPES.replace('"funcs:slow"', '"funcs:picky"'))
     assert run_cli("run", "p", "-q", "--retries", "0", cwd=tmp_path).returncode == 1  # only a failed run
     out = run_cli("show", "ask", cwd=tmp_path)
