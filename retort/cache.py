@@ -858,6 +858,12 @@ class Cache:
                 self._wcon.close()
             self.con.close()
 
+    # ---- reads for the engine (runner, reuse, stage executors) ----
+
+    # ---- reads for compare (retort/comparison.py and what it becomes) ----
+
+    # ---- reads for show, export, view, lineage, the Python API and the CLI ----
+
 
 def create(table: str) -> str:
     """The CREATE for a table; dry runs (plan, validate) write to DuckDB's `temp` catalog."""
