@@ -49,6 +49,7 @@ import pyarrow as pa
 
 from retort.datasets import table_from_rows
 from retort.errors import CacheError, NotFoundError
+from retort.sql import check_select
 
 FLUSH_SECONDS = 1.0
 FLUSH_ROWS = 50_000
@@ -859,6 +860,36 @@ class Cache:
             self.con.close()
 
     # ---- reads for the engine (runner, reuse, stage executors) ----
+
+    def search_path(self, *schemas: str) -> None:
+        """Where bare table names resolve (SQL stages, `where:` filters): this run's schema, then main."""
+        self.con.execute(f"SET search_path = '{','.join(schemas)}'")
+
+    def select(self, query: str, **tables: pa.Table) -> pa.Table:
+        """The rows of one read-only SELECT (checked before DuckDB sees it: `NotReadOnly` otherwise),
+        over the stored tables and any Arrow `tables` given by name."""
+        check_select(query)
+        for name, data in tables.items():
+            self.con.register(name, data)
+        try:
+            return self.con.sql(query).to_arrow_table()
+        finally:
+            for name in tables:
+                self.con.unregister(name)
+
+    def columns(self, relation: str) -> list[str]:
+        """The column names of a table, a view, or a SELECT (described, not run)."""
+        return [row[0] for row in self.con.execute(f"DESCRIBE {relation}").fetchall()]
+
+    def completion_history(self, model: str, stage: str) -> tuple[float | None, int]:
+        """The average completion tokens of this model's cached calls for `stage`, and how many there are."""
+        avg, n = self.con.execute("SELECT avg(completion_tokens), count(*) FROM calls WHERE model = ? AND stage = ?",
+                                  [model, stage]).fetchall()[0]
+        return avg, n
+
+    def link(self, view: str, run: int, stage: str) -> None:
+        """`view` becomes a view onto run `run`'s table of `stage` (a reused build: no copy)."""
+        self.execute(f"CREATE VIEW {view} AS SELECT * FROM run_{run}.{quote(stage)}")
 
     # ---- reads for compare (retort/comparison.py and what it becomes) ----
 

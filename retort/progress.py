@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from retort.runner import Progress as RunnerProgress
-from retort.runner import RunResult, StageStats
+from retort.results import Progress as RunnerProgress
+from retort.results import RunResult, StageStats
 from retort.spec import Pipeline
 
 

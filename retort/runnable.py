@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from retort import api, backends
+from retort.context import LINEAGE
 from retort.errors import BackendError, NotFoundError, RetortError, UserError
-from retort.runner import LINEAGE
 from retort.spec import load_pipeline, parse_override
 from retort.workspace import Workspace
 

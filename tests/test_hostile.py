@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage
 
-from retort import runner
+from retort import retries
 from retort.backends.base import Request
 from retort.backends.langchain import _finish_reason as lc_reason
 from retort.backends.langchain import _text as lc_text
@@ -186,7 +186,7 @@ def test_a_retry_after_of_a_day_fails_the_row_at_once_with_the_servers_words(wor
 
 def test_the_cap_is_a_model_setting_and_a_long_wait_is_told_to_the_progress(workspace: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner, "LONG_WAIT", 0.2)  # "a few seconds", scaled down so the test waits little
+    monkeypatch.setattr(retries, "LONG_WAIT", 0.2)  # "a few seconds", scaled down so the test waits little
     tries: dict[str, int] = {}
 
     def pacing(request: Request) -> str:
