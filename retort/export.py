@@ -35,10 +35,11 @@ digests and counts, the models and sampling parameters of the calls behind the r
 and what the export kept and dropped. It holds no secret: models are cache identities, which
 never carry a key, and option values that look like credentials are written as "<redacted>".
 
-`--where` is checked by the store before anything runs (see `Cache.table`): one SQL expression over
-the table's columns, never a second statement. Files are written in Python (orjson, pyarrow.parquet), never
-with DuckDB COPY: the cache's connection runs with external access disabled. A file is written
-beside its final path and renamed, so a failed export leaves no half file.
+`--where` is checked by the store before anything runs (see `Cache.table`): one SQL expression
+over the table's columns, never a second statement. Files are written in Python (orjson,
+pyarrow.parquet), never with DuckDB COPY: the cache's connection runs with external access
+disabled. A file is written beside its final path and renamed, so a failed export leaves no half
+file.
 """
 
 from __future__ import annotations
