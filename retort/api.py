@@ -89,11 +89,9 @@ class Result:
             return []
         cache = Cache(self.db, read_only=True)
         try:
-            cur = cache.con.execute("SELECT row_id, stage, error, status FROM failures WHERE run_id = ? "
-                                    "ORDER BY created_at", [self.run_id])
-            return [dict(zip(("row_id", "stage", "error", "status"), row, strict=True)) for row in cur.fetchall()]
+            return [{k: f[k] for k in ("row_id", "stage", "error", "status")} for f in cache.failures(self.run_id)]
         finally:
-            cache.con.close()
+            cache.close()
 
     def table(self, stage: str) -> Table:
         """This run's table `stage` (a stage's extra tables: `stage__suffix`)."""
@@ -104,9 +102,9 @@ class Result:
         cache = Cache(self.db, read_only=True)
         try:
             relation, _, _ = cache.resolve(stage, self.run_id)
-            return Table(stage, cache.con.sql(f"SELECT * FROM {relation}").to_arrow_table())
+            return Table(stage, cache.table(relation))
         finally:
-            cache.con.close()
+            cache.close()
 
 
 def run(pipeline: str | Path, *, input: Input | None = None, models: Models | None = None,

@@ -48,8 +48,8 @@ import orjson
 import pyarrow as pa
 
 from retort.datasets import table_from_rows
-from retort.errors import CacheError, NotFoundError
-from retort.sql import check_select
+from retort.errors import CacheError, NotFoundError, UserError
+from retort.sql import NotReadOnly, check_select, first_line
 
 FLUSH_SECONDS = 1.0
 FLUSH_ROWS = 50_000
@@ -894,6 +894,222 @@ class Cache:
     # ---- reads for compare (retort/comparison.py and what it becomes) ----
 
     # ---- reads for show, export, view, lineage, the Python API and the CLI ----
+    # Names of tables reach these as relations that `resolve` (or the viewer's catalog checks) made;
+    # every value is a bound parameter, and a user's `--where` is checked before it runs (`_filtered`).
+
+    def runs(self, limit: int | None = None) -> list[RunRecord]:
+        """The runs, newest first (the last `limit` of them)."""
+        return self._run_records("ORDER BY run_id DESC" + (" LIMIT ?" if limit is not None else ""),
+                                 [] if limit is None else [limit])
+
+    def run(self, run_id: int) -> RunRecord | None:
+        """One run's record, or None when there is no such run."""
+        found = self._run_records("WHERE run_id = ?", [run_id])
+        return found[0] if found else None
+
+    def _run_records(self, rest: str, params: list[Any]) -> list[RunRecord]:
+        # `*`: a file written before `namespace` and `pinned` existed still reads, opened read-only
+        cur = self.con.execute(f"SELECT *, epoch(finished_at - started_at) AS __seconds FROM runs {rest}", params)
+        names = [d[0] for d in cur.description]
+        out = []
+        for values in cur.fetchall():
+            r = dict(zip(names, values, strict=True))
+            stats = orjson.loads(r["stats"]) if isinstance(r["stats"], str) else r["stats"]
+            out.append(RunRecord(
+                run_id=int(r["run_id"]), pipeline=r["pipeline"], namespace=r.get("namespace") or r["pipeline"],
+                spec_path=r["spec_path"], spec_hash=r["spec_hash"], status=r["status"], pinned=bool(r.get("pinned")),
+                started_at=r["started_at"], finished_at=r["finished_at"], seconds=r["__seconds"], argv=r["argv"],
+                stats=stats if isinstance(stats, dict) else {}))
+        return out
+
+    def latest_complete_runs(self) -> dict[str, int]:
+        """Namespace → its latest complete (`ok`) run, by namespace."""
+        return {ns: int(run) for ns, run in self.con.execute(
+            "SELECT coalesce(namespace, pipeline), max(run_id) FROM runs WHERE status = 'ok' "
+            "GROUP BY 1 ORDER BY 1").fetchall()}
+
+    def unpruned_runs(self) -> set[int]:
+        """Runs whose tables are still kept (retention drops older runs' tables; their calls stay)."""
+        rows = self.con.execute("SELECT schema_name FROM duckdb_schemas() WHERE schema_name LIKE 'run_%' "
+                                "AND database_name = current_database()").fetchall()
+        return {int(name[4:]) for (name,) in rows if name[4:].isdigit()}
+
+    def runs_that_made(self, table: str) -> list[tuple[int, str | None]]:
+        """(run, status) of every run whose kept tables include `table`, newest first."""
+        return [(int(run), status) for run, status in self.con.execute(
+            "SELECT run_id, status FROM runs WHERE 'run_' || run_id IN (SELECT schema_name FROM duckdb_tables() "
+            "WHERE table_name = $1 AND database_name = current_database() UNION ALL SELECT schema_name "
+            "FROM duckdb_views() WHERE view_name = $1 AND database_name = current_database() AND NOT internal) "
+            "ORDER BY run_id DESC", [table]).fetchall()]
+
+    def tables(self, schema: str) -> dict[str, str]:
+        """The tables and views of `schema` (`main`, `run_N`, a namespace), by name: "table" or "view"."""
+        return dict(self.con.execute(
+            "SELECT table_name, 'table' FROM duckdb_tables() WHERE schema_name = $1 "
+            "AND database_name = current_database() UNION ALL SELECT view_name, 'view' FROM duckdb_views() "
+            "WHERE schema_name = $1 AND database_name = current_database() AND NOT internal ORDER BY 1",
+            [schema]).fetchall())
+
+    def table(self, relation: str, *, where: str | None = None) -> pa.Table:
+        """A whole table as Arrow, filtered by a user's `where` (checked: see `_filtered`)."""
+        return self.con.sql(self._filtered(relation, where)).to_arrow_table()
+
+    def page(self, relation: str, *, where: str | None = None, row_id: str | None = None, search: str | None = None,
+             equals: Iterable[tuple[str, str | None]] = (), errors: bool | None = None, sort: str | None = None,
+             descending: bool = False, limit: int = 50, offset: int = 0) -> Page:
+        """Rows `offset` to `offset + limit` of a table, as Python values, and how many rows pass the filters:
+        a user's `where` (checked), the row whose `_id` is `row_id`, rows where any column's text contains
+        `search` (case-insensitively), rows whose column's text `equals` a value (None: it is NULL), rows
+        whose `_error` is set (`errors=True`) or not (`False`); sorted by the column `sort` if given."""
+        conditions: list[str] = []
+        values: list[Any] = []
+        if row_id is not None:
+            conditions.append("CAST(_id AS VARCHAR) = ?")
+            values.append(row_id)
+        if search:
+            names = self.columns(relation)
+            conditions.append("(" + " OR ".join(f"contains(lower(CAST({quote(c)} AS VARCHAR)), ?)" for c in names)
+                              + ")")
+            values += [search.lower()] * len(names)
+        for column, value in equals:
+            if value is None:
+                conditions.append(f"{quote(column)} IS NULL")
+            else:
+                conditions.append(f"CAST({quote(column)} AS VARCHAR) = ?")
+                values.append(value)
+        if errors is not None:
+            conditions.append("_error IS NOT NULL" if errors else "_error IS NULL")
+        query = f"SELECT * FROM ({self._filtered(relation, where)})"
+        if conditions:
+            query += f" WHERE {' AND '.join(conditions)}"
+        order = f" ORDER BY {quote(sort)} {'DESC' if descending else 'ASC'} NULLS LAST" if sort else ""
+        cur = self.con.execute(f"{query}{order} LIMIT ? OFFSET ?", [*values, max(0, limit), max(0, offset)])
+        rows, described = cur.fetchall(), cur.description  # read both before the count: `cur` is the connection
+        total = int(self.con.execute(f"SELECT count(*) FROM ({query})", values).fetchall()[0][0])
+        return Page(columns=[d[0] for d in described], rows=rows, total=total,
+                    json_columns=frozenset(d[0] for d in described if str(d[1]).upper() == "JSON"))
+
+    def _filtered(self, relation: str, where: str | None) -> str:
+        """`SELECT * FROM relation`, filtered by `where` once it is known to be one filter and nothing else.
+
+        `show`, `export` and the Python API take `where` from a user. The text is refused when it holds a
+        `;`, when the query it makes is not one SELECT (`check_select`, as every SQL a user writes), and
+        when its parse tree differs from that of `SELECT * FROM relation WHERE (TRUE)` but for the WHERE
+        clause: a closing parenthesis smuggling in a UNION, an ORDER BY or a LIMIT changes the tree.
+        Last, the query is bound (DESCRIBE) so an unknown column is one line naming the filter. A reader's
+        connection is read-only besides, so nothing a filter could call writes the file.
+        """
+        base = f"SELECT * FROM {relation}"
+        if where is None:
+            return base
+        if not where.strip() or ";" in where:
+            raise UserError(f"--where {where!r}: expected one SQL filter expression"
+                            + (", without ';'" if ";" in where else ""))
+        query = f"{base} WHERE ({where})"
+        try:
+            check_select(query)
+            if self._tree(query) != self._tree(f"{base} WHERE (TRUE)"):
+                raise UserError(f"--where {where!r}: expected one SQL filter expression over {relation}, "
+                                "with nothing after it")
+            self.con.execute(f"DESCRIBE {query}").fetchall()
+        except NotReadOnly as exc:
+            raise UserError(f"--where {where!r}: {exc}") from None
+        except duckdb.Error as exc:
+            raise UserError(f"--where {where!r}: {first_line(exc)}") from None
+        return query
+
+    def _tree(self, query: str) -> Any:
+        """The parse tree of a query without its WHERE clause and source positions."""
+        tree = orjson.loads(self.con.execute("SELECT json_serialize_sql(?)", [query]).fetchall()[0][0])
+        if tree.get("error"):
+            return None
+
+        def strip(node: Any) -> Any:
+            if isinstance(node, dict):
+                return {k: strip(v) for k, v in node.items() if k not in ("where_clause", "query_location",
+                                                                       "query_location_length")}
+            if isinstance(node, list):
+                return [strip(v) for v in node]
+            return node
+
+        return strip(tree["statements"])
+
+    def failures(self, run: int, limit: int | None = None) -> list[dict[str, Any]]:
+        """A run's failed calls and crashed stages, oldest first: stage, row_id, call_key, error, status,
+        created_at."""
+        cur = self.con.execute("SELECT stage, row_id, call_key, error, status, created_at FROM failures "
+                               "WHERE run_id = ? ORDER BY created_at, stage, row_id LIMIT ?", [run, limit])
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def failure_counts(self) -> dict[int, int]:
+        """Run → how many failures it recorded (runs with none are left out)."""
+        return {int(run): int(n) for run, n in self.con.execute(
+            "SELECT run_id, count(*) FROM failures GROUP BY run_id").fetchall()}
+
+    def call(self, key: str) -> dict[str, Any] | None:
+        """The cached call `key` (its first record): key, stage, model, request (JSON text), text,
+        finish_reason, prompt_tokens, completion_tokens, latency_ms, run_id."""
+        cur = self.con.execute("SELECT key, stage, model, request, text, finish_reason, prompt_tokens, "
+                               "completion_tokens, latency_ms, run_id FROM calls WHERE key = ? "
+                               "ORDER BY created_at LIMIT 1", [key])
+        names = [d[0] for d in cur.description]
+        rows = cur.fetchall()
+        return dict(zip(names, rows[0], strict=True)) if rows else None
+
+    def sampling(self, run: int) -> list[tuple[str, str | None, list[str]]]:
+        """(model identity, sampling params as JSON text, the tables fed) for each model and params whose
+        calls made rows of run `run`'s tables: the params the calls were asked with, not today's spec."""
+        schema = f"run_{run}"
+        tables = [r[0] for r in self.con.execute("SELECT DISTINCT table_name FROM information_schema.columns "
+                                                 "WHERE table_schema = ? AND column_name = '_call' ORDER BY 1",
+                                                 [schema]).fetchall()]
+        if not tables:
+            return []
+        keys = " UNION ALL ".join("SELECT '{}' AS t, _call FROM {}.{}".format(t.replace("'", "''"), schema, quote(t))
+                                  for t in tables)
+        return [(model, params, list(names)) for model, params, names in self.con.execute(
+            f"SELECT c.model, CAST(c.request->'params' AS VARCHAR), array_agg(DISTINCT u.t ORDER BY u.t) "
+            f"FROM ({keys}) u JOIN calls c ON c.key = u._call GROUP BY 1, 2 ORDER BY 1, 2").fetchall()]
+
+    def calls_by_model(self) -> list[tuple[Any, ...]]:
+        """Per model, most calls first: model, calls, stages, prompt tokens, completion tokens, average
+        latency in ms (one decimal), first and last call's time."""
+        return self.con.execute(
+            "SELECT model, count(*), count(DISTINCT stage), sum(prompt_tokens), sum(completion_tokens), "
+            "round(avg(latency_ms), 1), min(created_at), max(created_at) FROM calls GROUP BY model ORDER BY 2 DESC"
+        ).fetchall()
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One row of `runs`, its stats parsed (`{}` when it has none)."""
+
+    run_id: int
+    pipeline: str
+    namespace: str
+    spec_path: str | None
+    spec_hash: str | None
+    status: str | None
+    pinned: bool
+    started_at: Any  # datetime
+    finished_at: Any
+    seconds: float | None  # finished_at - started_at
+    argv: str | None
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Rows of a table as Python values (DuckDB's), with its columns and how many rows the filters pass."""
+
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+    total: int
+    json_columns: frozenset[str]  # columns of type JSON: their values are JSON text
+
+    def records(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
 
 
 def create(table: str) -> str:

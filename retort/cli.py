@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import shlex
@@ -217,29 +218,35 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         cache = Cache(db, read_only=True)
         try:
-            runs = cache.con.execute("SELECT run_id, pipeline, status || CASE WHEN pinned THEN ' (pinned)' "
-                                     "ELSE '' END, started_at, round(epoch(finished_at - started_at), 1), "
-                                     "stats->>'calls_made', stats->>'cache_hits' FROM runs "
-                                     "ORDER BY run_id DESC LIMIT 10").fetchall()
-            latest = cache.con.execute(
-                "SELECT coalesce(namespace, pipeline), max(run_id) FROM runs WHERE status = 'ok' "
-                "GROUP BY 1 ORDER BY 1").fetchall()
-            stage_names = {ns: [r[0] for r in cache.con.execute(
-                "SELECT view_name FROM duckdb_views() WHERE schema_name = ? AND NOT internal ORDER BY 1",
-                [namespace_schema(ns)]).fetchall()] for ns, _ in latest}
+            runs = cache.runs(limit=10)
+            latest = cache.latest_complete_runs()
+            stage_names = {ns: [name for name, kind in cache.tables(namespace_schema(ns)).items() if kind == "view"]
+                           for ns in latest}
         finally:
-            cache.con.close()
+            cache.close()
         runs_table = Table(title=f"recent runs in {_short(db)}", title_justify="left")
         for col in ("run", "pipeline", "status", "started", "seconds", "calls made", "cache hits"):
             runs_table.add_column(col, overflow="fold")
         for r in runs:
-            runs_table.add_row(*(str(x) if x is not None else "" for x in r))
+            status = None if r.status is None else r.status + (" (pinned)" if r.pinned else "")
+            cells = (r.run_id, r.pipeline, status, r.started_at, _tenths(r.seconds), r.stats.get("calls_made"),
+                     r.stats.get("cache_hits"))
+            runs_table.add_row(*(str(x) if x is not None else "" for x in cells))
         console.print(runs_table)
         if not latest:
             console.print("stage tables: none (no complete run yet)")
-        for ns, run_id in latest:
+        for ns, run_id in latest.items():
             console.print(f"{ns} (latest complete: run {run_id}): {', '.join(stage_names[ns]) or 'no tables'}")
     return 0
+
+
+def _tenths(seconds: float | None) -> float | None:
+    """Seconds to one decimal as DuckDB's round does it: the exact value, halves away from zero."""
+    import decimal
+
+    if seconds is None:
+        return None
+    return float(decimal.Decimal(seconds).quantize(decimal.Decimal("0.1"), decimal.ROUND_HALF_UP))
 
 
 def _short(path: Path) -> str:
@@ -265,27 +272,17 @@ def _relation(cache: Any, stage: str, run: int | None) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-
-    from retort.export import select
-
     if args.lineage:
         return _show_lineage(args)
     cache = _open_read(args)
     try:
         rel = _relation(cache, args.stage, args.run)
-        query, params = select(cache.con, rel, args.where), []  # --where: one read-only filter, checked
-        if args.row is not None:
-            if "_id" not in [d[0] for d in cache.con.execute(f"SELECT * FROM {rel} LIMIT 0").description]:
-                raise UserError(f"{rel} has no _id column: --row finds a stage table's row by its _id")
-            query = f"SELECT * FROM ({query}) WHERE CAST(_id AS VARCHAR) = ?"
-            params.append(args.row)
-        cur = cache.con.execute(f"{query} LIMIT ?", [*params, max(0, args.limit)])
-        rows = cur.fetchall()
-        columns = [d[0] for d in cur.description]
-        json_columns = {d[0] for d in cur.description if str(d[1]).upper() == "JSON"}
-        total = cache.con.execute(f"SELECT count(*) FROM ({query})", params).fetchall()[0][0]
+        if args.row is not None and "_id" not in cache.columns(rel):
+            raise UserError(f"{rel} has no _id column: --row finds a stage table's row by its _id")
+        page = cache.page(rel, where=args.where, row_id=args.row, limit=args.limit)  # --where: checked by the store
     finally:
-        cache.con.close()
+        cache.close()
+    rows, columns, json_columns, total = page.rows, page.columns, page.json_columns, page.total
     if args.row is not None and not rows:
         raise NotFoundError(f"{rel} has no row with _id {args.row!r}")
     if args.columns:  # chosen by name among all columns, hidden ones included
@@ -401,10 +398,10 @@ def _show_lineage(args: argparse.Namespace) -> int:
         # `PIPELINE.STAGE`, a bare STAGE or `--run N`, as `show` names tables; then the run that holds it
         _, run_id, _ = cache.resolve(args.stage, args.run)
         stage = args.stage.rpartition(".")[2]
-        run = run_id if run_id is not None else find_run(cache.con, stage)
-        found = lineage(cache.con, run, stage, args.row)
+        run = run_id if run_id is not None else find_run(cache, stage)
+        found = lineage(cache, run, stage, args.row)
     finally:
-        cache.con.close()
+        cache.close()
     if args.json:
         _write(json.dumps(found.to_dict(), default=str, ensure_ascii=False) + "\n")
     else:
@@ -486,9 +483,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         rel = _relation(cache, args.stage, args.run)
         out = export(cache, rel, args.stage, args.format, Path(args.out) if args.out else None, run=args.run,
-                     where=args.where, root=_workspace(args).root)
+                     where=args.where, root=_workspace(args).root, read_argv=run_options)
     finally:
-        cache.con.close()
+        cache.close()
     print(f"wrote {out.rows} rows to {_short(out.path)} (manifest: {_short(out.manifest)})")
     if out.dropped:
         reasons = ", ".join(f"{n} with {'_error set (the output did not parse)' if why == '_error' else 'no ' + why}"
@@ -499,6 +496,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_options(argv: str) -> dict[str, Any] | None:
+    """The options a recorded `retort run` command line (`runs.argv`) was started with, as an export's
+    manifest records them; None for any other command line. Parsed with this CLI's own parser, so an
+    abbreviated option reads as it did. NAME=VALUE options come as dicts, their values as given (the
+    export redacts what looks like a credential)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            args = build_parser().parse_args(shlex.split(argv))
+    except (SystemExit, ValueError):
+        return None
+    if args.command != "run":
+        return None
+
+    def pairs(items: list[str] | None) -> dict[str, str]:
+        return {k: v for k, _, v in (item.partition("=") for item in items or [])}
+
+    return {"input": args.input, "limit": args.limit, "map": pairs(args.map), "set": pairs(args.set),
+            "model": pairs(args.model), "sample": args.sample, "seed": args.seed}
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -506,13 +523,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return _vacuum(args)
     cache = _open_read(args)
     try:
-        rows = cache.con.execute(
-            "SELECT model, count(*), count(DISTINCT stage), sum(prompt_tokens), sum(completion_tokens), "
-            "round(avg(latency_ms), 1), min(created_at), max(created_at) FROM calls GROUP BY model ORDER BY 2 DESC"
-        ).fetchall()
-        runs = cache.con.execute("SELECT count(*) FROM runs").fetchall()[0][0]
+        rows = cache.calls_by_model()
+        runs = cache.count("runs")
     finally:
-        cache.con.close()
+        cache.close()
     size = _db_path(args).stat().st_size
     table = Table(title=f"cache {_short(_db_path(args))}: {size / 1e6:.1f} MB, {runs} runs", title_justify="left")
     for col in ("model", "calls", "stages", "prompt tokens", "completion tokens", "avg latency ms", "first",

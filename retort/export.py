@@ -35,20 +35,18 @@ digests and counts, the models and sampling parameters of the calls behind the r
 and what the export kept and dropped. It holds no secret: models are cache identities, which
 never carry a key, and option values that look like credentials are written as "<redacted>".
 
-`--where` is checked before anything runs (see `select`): one SQL expression over the table's
-columns, never a second statement. Files are written in Python (orjson, pyarrow.parquet), never
-with DuckDB COPY: the cache's connection runs with external access disabled. A file is written
-beside its final path and renamed, so a failed export leaves no half file.
+`--where` is checked by the store before anything runs (see `Cache.table`): one SQL expression
+over the table's columns, never a second statement. Files are written in Python (orjson,
+pyarrow.parquet), never with DuckDB COPY: the cache's connection runs with external access
+disabled. A file is written beside its final path and renamed, so a failed export leaves no half
+file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import os
 import re
-import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,7 +64,7 @@ if TYPE_CHECKING:  # both are heavy imports; the CLI reads FORMATS on every star
 
     from retort.cache import Cache
 
-__all__ = ["FORMATS", "ExportResult", "export", "select"]
+__all__ = ["FORMATS", "ExportResult", "export"]
 
 FORMATS = ("jsonl", "parquet", "chat", "chat-gold", "multitask", "dpo", "dpo-chat")
 RECORD_TABLES = frozenset({"calls", "runs", "failures", "metrics"})
@@ -88,19 +86,23 @@ class ExportResult:
     dropped_because: dict[str, int] = field(default_factory=dict)  # "_error" or the blank column → rows
 
 
+ReadArgv = Callable[[str], "dict[str, Any] | None"]  # a recorded command line → the options it gave, or None
+
+
 def export(cache: Cache, relation: str, stage: str, fmt: str, out: Path | None = None, *,
            run: int | None = None, include_raw: bool = False, where: str | None = None,
-           root: Path | None = None) -> ExportResult:
+           root: Path | None = None, read_argv: ReadArgv | None = None) -> ExportResult:
     """Write `relation` (a stage table, `main."X"` or `run_N."X"`), filtered by `where`, as `fmt` to
     `out` (default: `root/exports/...`, root being the workspace, else the current directory).
+    `read_argv` reads the run's recorded command line into its options for the manifest (the CLI
+    passes `retort.cli.run_options`); without it the manifest's `options` is null.
 
     Raises UserError for an unknown format, a `where` that is not one read-only filter, or a
     table that lacks the columns the format needs (the message names both column lists).
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; expected one of: {', '.join(FORMATS)}")
-    query = select(cache.con, relation, where)
-    table = cache.con.sql(query).to_arrow_table()
+    table = cache.table(relation, where=where)
     if fmt in ("jsonl", "parquet") and not include_raw:
         table = table.drop_columns([c for c in INTERNAL if c in table.column_names])
     shape = _shape(fmt, table.column_names, stage)  # checks the columns before any write
@@ -111,8 +113,7 @@ def export(cache: Cache, relation: str, stage: str, fmt: str, out: Path | None =
     else:
         rows, kept, dropped = _write_jsonl(table, shape, path)
     manifest = path.with_name(path.name + ".manifest.json")
-    total = table.num_rows if where is None else \
-        int(cache.con.execute(f"SELECT count(*) FROM {relation}").fetchall()[0][0])
+    total = table.num_rows if where is None else cache.count(relation)
     record = {
         "format": fmt,
         "file": path.name,
@@ -127,7 +128,7 @@ def export(cache: Cache, relation: str, stage: str, fmt: str, out: Path | None =
         "stage": stage,
         "table_rows": total,
         "where": where,
-        **_provenance(cache, stage, run),
+        **_provenance(cache, stage, run, read_argv),
         "retort_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -140,56 +141,6 @@ def _default_path(stage: str, fmt: str) -> Path:
     if fmt in ("jsonl", "parquet"):
         return EXPORT_DIR / f"{stage}.{fmt}"
     return EXPORT_DIR / f"{stage}.{fmt}.jsonl"
-
-
-# ------------------------------------------------------------------ --where
-
-def select(con: Any, relation: str, where: str | None) -> str:
-    """`SELECT * FROM relation`, filtered by `where` once it is known to be one filter and nothing else.
-
-    `show` and `export` both take `--where` from the command line. The text is refused when it
-    holds a `;`, and when the query it makes is not a single SELECT whose parse tree equals that of
-    `SELECT * FROM relation WHERE (TRUE)` but for the WHERE clause: a closing parenthesis
-    smuggling in a UNION, an ORDER BY or a LIMIT changes the tree. Last, the query is bound
-    (DESCRIBE) so an unknown column is one line naming the filter. The connection is read-only
-    besides, so nothing a filter could call writes the file.
-    """
-    base = f"SELECT * FROM {relation}"
-    if where is None:
-        return base
-    if not where.strip() or ";" in where:
-        raise UserError(f"--where {where!r}: expected one SQL filter expression"
-                        + (", without ';'" if ";" in where else ""))
-    import duckdb
-
-    query = f"{base} WHERE ({where})"
-    try:
-        statements = con.extract_statements(query)
-        if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT \
-                or _tree(con, query) != _tree(con, f"{base} WHERE (TRUE)"):
-            raise UserError(f"--where {where!r}: expected one SQL filter expression over {relation}, "
-                            "with nothing after it")
-        con.execute(f"DESCRIBE {query}").fetchall()
-    except duckdb.Error as exc:
-        raise UserError(f"--where {where!r}: {str(exc).strip().splitlines()[0]}") from None
-    return query
-
-
-def _tree(con: Any, query: str) -> Any:
-    """The parse tree of a query without its WHERE clause and source positions."""
-    tree = orjson.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchall()[0][0])
-    if tree.get("error"):
-        return None
-
-    def strip(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if k not in ("where_clause", "query_location",
-                                                                   "query_location_length")}
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
-    return strip(tree["statements"])
 
 
 # ------------------------------------------------------------------ formats
@@ -359,7 +310,7 @@ def _sha256(path: Path) -> str:
 
 # ------------------------------------------------------------------ provenance
 
-def _provenance(cache: Cache, stage: str, run: int | None) -> dict[str, Any]:
+def _provenance(cache: Cache, stage: str, run: int | None, read_argv: ReadArgv | None) -> dict[str, Any]:
     """Where the table came from, from the `runs` and `calls` tables: the run, its input and
     options, its stages' template and parser digests and counts, its models and their sampling
     parameters.
@@ -369,24 +320,23 @@ def _provenance(cache: Cache, stage: str, run: int | None) -> dict[str, Any]:
     """
     empty: dict[str, Any] = {"pipeline": None, "run_id": None, "run_status": None, "spec_hash": None,
                              "input": None, "options": None, "stages": [], "models": [], "sampling": []}
-    con = cache.con
     if run is None:
         if stage in RECORD_TABLES:
             return empty
-        found = con.execute("SELECT r.run_id FROM runs r WHERE EXISTS (SELECT 1 FROM information_schema.tables t "
-                            "WHERE t.table_schema = 'run_' || r.run_id AND t.table_name = ?) "
-                            "ORDER BY r.run_id DESC LIMIT 1", [stage]).fetchall()
-        if not found:
+        made = cache.runs_that_made(stage)
+        if not made:
             return empty
-        run = int(found[0][0])
-    info = con.execute("SELECT pipeline, spec_hash, status, argv, stats FROM runs WHERE run_id = ?", [run]).fetchall()
-    if not info:
+        run = made[0][0]
+    record = cache.run(run)
+    if record is None:
         return {**empty, "run_id": run}
-    pipeline, spec_hash, status, argv, stats = info[0]
-    stats = (orjson.loads(stats) if isinstance(stats, str) else stats) or {}
-    sampling = _sampling(con, run)
-    return {"pipeline": pipeline, "run_id": run, "run_status": status, "spec_hash": spec_hash,
-            "input": stats.get("input"), "options": _options(argv),
+    stats = record.stats
+    # The parameters are the ones in the calls' requests (what the cache key covers), so they are what
+    # the model was asked with, whatever the spec says today.
+    sampling = [{"model": _redact("", model), "params": orjson.loads(params) if params else None,
+                 "tables": tables} for model, params, tables in cache.sampling(run)]
+    return {"pipeline": record.pipeline, "run_id": run, "run_status": record.status, "spec_hash": record.spec_hash,
+            "input": stats.get("input"), "options": _options(record.argv, read_argv),
             "stages": [{k: s.get(k) for k in STAGE_FIELDS} for s in stats.get("stages", [])],
             "models": sorted({m["model"] for m in sampling}), "sampling": sampling}
 
@@ -395,51 +345,14 @@ STAGE_FIELDS = ("name", "kind", "rows_in", "rows_out", "failures", "parse_errors
                 "parser")
 
 
-def _sampling(con: Any, run: int) -> list[dict[str, Any]]:
-    """Each (model identity, sampling parameters) whose calls fed a table of the run, with those tables.
-
-    The parameters are the ones in the calls' requests (what the cache key covers), so they are
-    what the model was asked with, whatever the spec says today."""
-    schema = f"run_{run}"
-    tables = [r[0] for r in con.execute("SELECT DISTINCT table_name FROM information_schema.columns "
-                                        "WHERE table_schema = ? AND column_name = '_call' ORDER BY 1",
-                                        [schema]).fetchall()]
-    if not tables:
-        return []
-    keys = " UNION ALL ".join("SELECT '{}' AS t, _call FROM {}.\"{}\"".format(
-        t.replace("'", "''"), schema, t.replace('"', '""')) for t in tables)
-    rows = con.execute(f"SELECT c.model, CAST(c.request->'params' AS VARCHAR), array_agg(DISTINCT u.t ORDER BY u.t) "
-                       f"FROM ({keys}) u JOIN calls c ON c.key = u._call GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
-    return [{"model": _redact("", model), "params": orjson.loads(params) if params else None, "tables": list(names)}
-            for model, params, names in rows]
-
-
-def _options(argv: str | None) -> dict[str, Any] | None:
+def _options(argv: str | None, read_argv: ReadArgv | None) -> dict[str, Any] | None:
     """The options a `retort run` command line was started with (`runs.argv`), or None for a run
-    started otherwise (compare, the Python API). Parsed with the CLI's own parser, so an
-    abbreviated option reads as it did; values that look like credentials are redacted."""
-    if not argv:
+    started otherwise (compare, the Python API); values that look like credentials are redacted."""
+    options = read_argv(argv) if argv and read_argv is not None else None
+    if options is None:
         return None
-    from retort.cli import build_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            args = build_parser().parse_args(shlex.split(argv))
-    except (SystemExit, ValueError):
-        return None
-    if args.command != "run":
-        return None
-
-    def pairs(items: list[str] | None) -> dict[str, str]:
-        split = (item.partition("=") for item in items or [])
-        return {k: _redact(k, v) for k, _, v in split}
-
-    options = {"input": args.input, "limit": args.limit, "map": pairs(args.map), "set": pairs(args.set),
-               "model": pairs(args.model)}
-    for name in ("sample", "seed"):  # a random subset, where this retort has the options
-        if hasattr(args, name):
-            options[name] = getattr(args, name)
-    return options
+    return {name: {k: _redact(k, v) for k, v in value.items()} if isinstance(value, dict) else value
+            for name, value in options.items()}
 
 
 _CREDENTIAL_NAME = re.compile(r"key|token|secret|passw|credential|auth", re.IGNORECASE)

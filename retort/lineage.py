@@ -14,26 +14,23 @@ of a row is looked up among the tables before its stage, nearest first; when two
 `_id` (two stages reading the same table), the one whose columns the row carries wins. A SQL stage that
 passes rows through keeps their lineage columns: the stage that made the call is put before it.
 
-`retort show --lineage` and `retort view` both call `lineage()`; every name that reaches SQL here
-comes from DuckDB's catalog, every value is a bound parameter.
+`retort show --lineage` and `retort view` both call `lineage()`. It reads through the store's read
+methods (retort/cache.py); every table name it hands them comes from DuckDB's catalog.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
-
+from retort.cache import quote
 from retort.errors import NotFoundError
 
+if TYPE_CHECKING:
+    from retort.cache import Cache, Page
+
 LINEAGE_COLUMNS = ("_id", "_parent", "_sample", "_call", "_raw", "_error")
-
-
-def quote(name: str) -> str:
-    """A quoted SQL identifier (only for names read from the catalog)."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 def relation(run_id: int, table: str) -> str:
@@ -43,31 +40,18 @@ def relation(run_id: int, table: str) -> str:
 # ---------------------------------------------------------------------------- the catalog of runs
 
 
-def kept_runs(con: duckdb.DuckDBPyConnection) -> set[int]:
-    """Runs whose schema still exists (older runs' tables are pruned; their calls stay)."""
-    rows = con.execute("SELECT schema_name FROM duckdb_schemas() WHERE schema_name LIKE 'run_%' "
-                       "AND database_name = current_database()").fetchall()
-    return {int(name[4:]) for (name,) in rows if name[4:].isdigit()}
+def stage_order(cache: Cache, run_id: int) -> list[str]:
+    """The run's stages in pipeline order, from its record (`input` first)."""
+    record = cache.run(run_id)
+    stages = record.stats.get("stages", []) if record is not None else []
+    return ["input", *(s["name"] for s in stages if isinstance(s, dict) and "name" in s)]
 
 
-def stage_order(con: duckdb.DuckDBPyConnection, run_id: int) -> list[str]:
-    """The run's stages in pipeline order, from its record (`input` first); [] when it has none."""
-    rows = con.execute("SELECT stats FROM runs WHERE run_id = ?", [run_id]).fetchall()
-    if not rows or not rows[0][0]:
-        return ["input"]
-    stats = rows[0][0] if isinstance(rows[0][0], dict) else json.loads(rows[0][0])
-    return ["input", *(s["name"] for s in stats.get("stages", []) if isinstance(s, dict) and "name" in s)]
-
-
-def run_tables(con: duckdb.DuckDBPyConnection, run_id: int) -> list[str]:
+def run_tables(cache: Cache, run_id: int) -> list[str]:
     """The tables of run `run_id` (stage tables, `input`, and the `<stage>__<suffix>` tables stages keep),
     in pipeline order; tables the run record does not name come last, by name."""
-    schema = f"run_{int(run_id)}"
-    found = {name for (name,) in con.execute(
-        "SELECT table_name FROM duckdb_tables() WHERE schema_name = ? AND database_name = current_database() "
-        "UNION SELECT view_name FROM duckdb_views() WHERE schema_name = ? AND database_name = current_database() "
-        "AND NOT internal", [schema, schema]).fetchall()}
-    order = stage_order(con, run_id)
+    found = set(cache.tables(f"run_{int(run_id)}"))
+    order = stage_order(cache, run_id)
     rank = {name: i for i, name in enumerate(order)}
 
     def key(name: str) -> tuple[int, str]:
@@ -77,29 +61,22 @@ def run_tables(con: duckdb.DuckDBPyConnection, run_id: int) -> list[str]:
     return sorted(found, key=key)
 
 
-def find_run(con: duckdb.DuckDBPyConnection, stage: str) -> int:
+def find_run(cache: Cache, stage: str) -> int:
     """The newest run that kept a table named `stage`, runs that finished `ok` first."""
-    kept = kept_runs(con)
-    rows = con.execute("SELECT run_id, status FROM runs ORDER BY (status IS DISTINCT FROM 'ok'), run_id DESC"
-                       ).fetchall()
-    for run_id, _ in rows:
-        if run_id in kept and stage in run_tables(con, run_id):
-            return int(run_id)
+    ranked = sorted(cache.runs_that_made(stage), key=lambda made: made[1] != "ok")  # stable: newest first in each
+    if ranked:
+        return ranked[0][0]
     raise NotFoundError(f"no kept run has a table {stage!r}; `retort list` shows the stage tables")
 
 
-def check_table(con: duckdb.DuckDBPyConnection, run_id: int, table: str) -> str:
+def check_table(cache: Cache, run_id: int, table: str) -> str:
     """`run_<N>."table"` if the run kept that table, else a NotFoundError naming the ones it has."""
-    if run_id not in kept_runs(con):
+    if run_id not in cache.unpruned_runs():
         raise NotFoundError(f"run {run_id} has no tables (it does not exist, or its tables were pruned)")
-    tables = run_tables(con, run_id)
+    tables = run_tables(cache, run_id)
     if table not in tables:
         raise NotFoundError(f"run {run_id} has no table {table!r} (tables: {', '.join(tables)})")
     return relation(run_id, table)
-
-
-def columns(con: duckdb.DuckDBPyConnection, rel: str) -> list[str]:
-    return [d[0] for d in con.execute(f"SELECT * FROM {rel} LIMIT 0").description]
 
 
 # ---------------------------------------------------------------------------- the walk
@@ -148,50 +125,45 @@ class Lineage:
         return asdict(self)
 
 
-def fetch_row(con: duckdb.DuckDBPyConnection, rel: str, row_id: str) -> tuple[dict[str, Any] | None, int]:
+def fetch_row(cache: Cache, rel: str, row_id: str) -> tuple[dict[str, Any] | None, int]:
     """The first row of `rel` whose `_id` is `row_id`, and how many there are."""
-    cur = con.execute(f"SELECT *, count(*) OVER () AS __n FROM {rel} WHERE CAST(_id AS VARCHAR) = ? LIMIT 1",
-                      [row_id])
-    names = [d[0] for d in cur.description]
-    rows = cur.fetchall()
-    if not rows:
-        return None, 0
-    record = dict(zip(names, rows[0], strict=True))
-    return record, int(record.pop("__n"))
+    page = cache.page(rel, row_id=row_id, limit=1)
+    return (page.records()[0] if page.rows else None), page.total
 
 
-def fetch_call(con: duckdb.DuckDBPyConnection, key: str) -> Call | None:
-    rows = con.execute("SELECT key, stage, model, request, text, finish_reason, prompt_tokens, completion_tokens, "
-                       "latency_ms, run_id FROM calls WHERE key = ? ORDER BY created_at LIMIT 1", [key]).fetchall()
-    if not rows:
+def fetch_call(cache: Cache, key: str) -> Call | None:
+    found = cache.call(key)
+    if found is None:
         return None
-    key, stage, model, request, text, reason, p_tokens, c_tokens, latency, run_id = rows[0]
+    request, model = found["request"], found["model"]
     try:
         req = json.loads(request) if isinstance(request, str) else dict(request or {})
     except ValueError:
         req = {"messages": [{"role": "?", "content": str(request)}]}
-    return Call(key=key, stage=stage, model=model or req.get("model"), messages=list(req.get("messages") or []),
-                params={k: v for k, v in req.items() if k not in ("messages", "model")}, text=text,
-                finish_reason=reason, prompt_tokens=p_tokens, completion_tokens=c_tokens, latency_ms=latency,
-                run_id=run_id)
+    return Call(key=found["key"], stage=found["stage"], model=model or req.get("model"),
+                messages=list(req.get("messages") or []),
+                params={k: v for k, v in req.items() if k not in ("messages", "model")}, text=found["text"],
+                finish_reason=found["finish_reason"], prompt_tokens=found["prompt_tokens"],
+                completion_tokens=found["completion_tokens"], latency_ms=found["latency_ms"],
+                run_id=found["run_id"])
 
 
 class _Walk:
     """Caches a run's table list and columns while one lineage is walked."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, run_id: int) -> None:
-        self.con, self.run_id = con, run_id
-        self.tables = run_tables(con, run_id)
+    def __init__(self, cache: Cache, run_id: int) -> None:
+        self.cache, self.run_id = cache, run_id
+        self.tables = run_tables(cache, run_id)
         self._columns: dict[str, list[str]] = {}
 
     def columns(self, table: str) -> list[str]:
         if table not in self._columns:
-            self._columns[table] = columns(self.con, relation(self.run_id, table))
+            self._columns[table] = self.cache.columns(relation(self.run_id, table))
         return self._columns[table]
 
     def step(self, table: str, row: dict[str, Any], note: str | None = None) -> Step:
         key = row.get("_call")
-        call = fetch_call(self.con, str(key)) if key else None
+        call = fetch_call(self.cache, str(key)) if key else None
         error = row.get("_error")
         return Step(stage=table, row_id=str(row.get("_id")), row=row, call=call,
                     error=None if error is None else str(error), note=note)
@@ -204,7 +176,7 @@ class _Walk:
         for candidate in reversed(before):
             if "_id" not in self.columns(candidate):
                 continue
-            found, _ = fetch_row(self.con, relation(self.run_id, candidate), parent_id)
+            found, _ = fetch_row(self.cache, relation(self.run_id, candidate), parent_id)
             if found is not None:
                 matches.append((candidate, found))
         for candidate, found in matches:  # the table whose own columns the row carries
@@ -214,15 +186,15 @@ class _Walk:
         return matches[0] if matches else None
 
 
-def lineage(con: duckdb.DuckDBPyConnection, run_id: int, stage: str, row_id: str) -> Lineage:
+def lineage(cache: Cache, run_id: int, stage: str, row_id: str) -> Lineage:
     """The path of row `row_id` of table `stage` in run `run_id`, from the input row to it."""
-    rel = check_table(con, run_id, stage)
-    walk = _Walk(con, run_id)
+    rel = check_table(cache, run_id, stage)
+    walk = _Walk(cache, run_id)
     if "_id" not in walk.columns(stage):
         raise NotFoundError(f"table {stage!r} of run {run_id} has no _id column, so its rows have no lineage")
-    row, count = fetch_row(con, rel, row_id)
+    row, count = fetch_row(cache, rel, row_id)
     if row is None:
-        sample = [r[0] for r in con.execute(f"SELECT CAST(_id AS VARCHAR) FROM {rel} LIMIT 5").fetchall()]
+        sample = _ids(cache.page(rel, limit=5))
         raise NotFoundError(f"table {stage!r} of run {run_id} has no row with _id {row_id!r}"
                             f" (ids look like: {', '.join(sample) or 'the table is empty'})")
     steps = [walk.step(stage, row)]
@@ -234,7 +206,7 @@ def lineage(con: duckdb.DuckDBPyConnection, run_id: int, stage: str, row_id: str
         caller = current.call.stage if current.call else None
         if caller and caller != table and caller in before:
             # a SQL stage passed this row through unchanged: the stage that made the call comes first
-            same, _ = fetch_row(con, relation(run_id, caller), current.row_id)
+            same, _ = fetch_row(cache, relation(run_id, caller), current.row_id)
             if same is not None and same.get("_call") == current.row.get("_call"):
                 current.call, current.error, current.passes = None, None, caller  # shown once, on its maker
                 steps.append(walk.step(caller, same))
@@ -261,19 +233,23 @@ def children(walk: _Walk, stage: str, row_id: str, limit: int = 50) -> list[tupl
     for table in later:
         if "_parent" not in walk.columns(table) or len(out) >= limit:
             continue
-        rows = walk.con.execute(f"SELECT CAST(_id AS VARCHAR) FROM {relation(walk.run_id, table)} "
-                                f"WHERE CAST(_parent AS VARCHAR) = ? LIMIT ?", [row_id, limit - len(out)]).fetchall()
-        out.extend((table, r[0]) for r in rows)
+        made = walk.cache.page(relation(walk.run_id, table), equals=[("_parent", row_id)], limit=limit - len(out))
+        out.extend((table, i) for i in _ids(made))
     return out
 
 
-def source_table(con: duckdb.DuckDBPyConnection, run_id: int, stage: str, row_id: str) -> str | None:
+def _ids(page: Page) -> list[Any]:
+    """The rows' `_id`s as text (as DuckDB casts them)."""
+    return [None if r["_id"] is None else str(r["_id"]) for r in page.records()]
+
+
+def source_table(cache: Cache, run_id: int, stage: str, row_id: str) -> str | None:
     """The nearest table before `stage` in run `run_id` holding a row `row_id`: where the row a failed call
     of `stage` was made from lives (`failures.row_id`), so its lineage can be shown."""
-    tables = run_tables(con, run_id)
+    tables = run_tables(cache, run_id)
     before = tables[: tables.index(stage)] if stage in tables else tables
     for table in reversed(before):
         rel = relation(run_id, table)
-        if "_id" in columns(con, rel) and fetch_row(con, rel, row_id)[0] is not None:
+        if "_id" in cache.columns(rel) and fetch_row(cache, rel, row_id)[0] is not None:
             return table
     return None

@@ -14,8 +14,9 @@ The standard library's HTTP server on 127.0.0.1 serves three plain files from `r
 Read-only and never in the way: the DuckDB file is opened read-only for one request and closed
 after it, so the viewer never keeps `retort run` from starting; while a run holds the file, the API
 answers 503 with one line that says so and the page shows it. Every name a request gives (run,
-table, column) is checked against DuckDB's catalog before it reaches SQL; every value is a bound
-parameter. Requests whose Host is not this machine's loopback address are refused (DNS rebinding).
+table, column) is checked against DuckDB's catalog before it reaches the store's read methods
+(retort/cache.py), which bind every value. Requests whose Host is not this machine's loopback address
+are refused (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -36,19 +37,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import duckdb
 
-from retort.cache import Cache
+from retort.cache import Cache, quote
 from retort.errors import CacheError, NotFoundError, RetortError, UserError
-from retort.lineage import (
-    check_table,
-    columns,
-    kept_runs,
-    lineage,
-    quote,
-    relation,
-    run_tables,
-    source_table,
-    stage_order,
-)
+from retort.lineage import check_table, lineage, relation, run_tables, source_table, stage_order
 
 STATIC = Path(__file__).parent / "viewer"
 RECORDS = ("failures", "metrics", "compare_items", "runs", "calls")  # tables of `main` the viewer may show
@@ -67,13 +58,13 @@ class Store:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def open(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def open(self) -> Iterator[Cache]:
         with self._lock:
             cache = Cache(self.db, read_only=True)
             try:
-                yield cache.con
+                yield cache
             finally:
-                cache.con.close()
+                cache.close()
 
     def report_files(self) -> dict[str, Path]:
         """Comparison reports under the reports folder, by their path relative to it."""
@@ -128,124 +119,103 @@ def _one(params: dict[str, list[str]], name: str) -> str:
     return value
 
 
-def api_runs(con: duckdb.DuckDBPyConnection, params: dict[str, list[str]]) -> dict[str, Any]:
-    kept = kept_runs(con)
-    rows = con.execute("SELECT run_id, pipeline, spec_path, status, started_at, finished_at, "
-                       "epoch(finished_at - started_at), argv, stats FROM runs ORDER BY run_id DESC").fetchall()
-    failures = dict(con.execute("SELECT run_id, count(*) FROM failures GROUP BY run_id").fetchall())
+def api_runs(cache: Cache, params: dict[str, list[str]]) -> dict[str, Any]:
+    kept = cache.unpruned_runs()
+    failures = cache.failure_counts()
     out = []
-    for run_id, pipeline, spec, status, started, finished, seconds, argv, stats in rows:
-        record = json.loads(stats) if isinstance(stats, str) else (stats or {})
-        out.append({"run": run_id, "pipeline": pipeline, "spec": spec, "status": status, "started": started,
-                    "finished": finished, "seconds": None if seconds is None else round(float(seconds), 2),
-                    "argv": argv, "calls_made": record.get("calls_made"), "cache_hits": record.get("cache_hits"),
-                    "failures": failures.get(run_id, 0), "kept": run_id in kept,
-                    "stages": [s.get("name") for s in record.get("stages", []) if isinstance(s, dict)]})
-    records = _record_tables(con)
-    return {"runs": out, "records": records}
+    for r in cache.runs():
+        out.append({"run": r.run_id, "pipeline": r.pipeline, "spec": r.spec_path, "status": r.status,
+                    "started": r.started_at, "finished": r.finished_at,
+                    "seconds": None if r.seconds is None else round(float(r.seconds), 2), "argv": r.argv,
+                    "calls_made": r.stats.get("calls_made"), "cache_hits": r.stats.get("cache_hits"),
+                    "failures": failures.get(r.run_id, 0), "kept": r.run_id in kept,
+                    "stages": [s.get("name") for s in r.stats.get("stages", []) if isinstance(s, dict)]})
+    return {"runs": out, "records": _record_tables(cache)}
 
 
-def _record_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
-    found = {name for (name,) in con.execute(
-        "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main' "
-        "AND database_name = current_database()").fetchall()}
+def _record_tables(cache: Cache) -> list[str]:
+    found = {name for name, kind in cache.tables("main").items() if kind == "table"}
     return [name for name in RECORDS if name in found]
 
 
-def api_run(con: duckdb.DuckDBPyConnection, params: dict[str, list[str]]) -> dict[str, Any]:
+def api_run(cache: Cache, params: dict[str, list[str]]) -> dict[str, Any]:
     run = _int(params, "run")
-    rows = con.execute("SELECT pipeline, spec_path, status, started_at, finished_at, argv, stats FROM runs "
-                       "WHERE run_id = ?", [run]).fetchall()
-    if not rows:
+    record = cache.run(run)
+    if record is None:
         raise NotFoundError(f"no run {run}")
-    pipeline, spec, status, started, finished, argv, stats = rows[0]
-    record = json.loads(stats) if isinstance(stats, str) else (stats or {})
     tables = []
-    kept = run in kept_runs(con)
+    kept = run in cache.unpruned_runs()
     if kept:
-        for name in run_tables(con, run):  # names from the catalog
+        for name in run_tables(cache, run):  # names from the catalog
             rel = relation(run, name)
-            cols = columns(con, rel)
-            errors = "count(_error)" if "_error" in cols else "0"
-            count, bad = con.execute(f"SELECT count(*), {errors} FROM {rel}").fetchall()[0]
-            tables.append({"name": name, "rows": count, "errors": bad, "columns": cols})
-    failures = con.execute("SELECT count(*) FROM failures WHERE run_id = ?", [run]).fetchall()[0][0]
-    return {"run": run, "pipeline": pipeline, "spec": spec, "status": status, "started": started,
-            "finished": finished, "argv": argv, "order": stage_order(con, run), "tables": tables,
-            "failures": failures, "kept": kept,
-            "stages": [s for s in record.get("stages", []) if isinstance(s, dict)],
-            "totals": {k: v for k, v in record.items() if not isinstance(v, (dict, list))}}
+            cols = cache.columns(rel)
+            bad = cache.page(rel, errors=True, limit=0).total if "_error" in cols else 0
+            tables.append({"name": name, "rows": cache.count(rel), "errors": bad, "columns": cols})
+    return {"run": run, "pipeline": record.pipeline, "spec": record.spec_path, "status": record.status,
+            "started": record.started_at, "finished": record.finished_at, "argv": record.argv,
+            "order": stage_order(cache, run), "tables": tables,
+            "failures": cache.failure_counts().get(run, 0), "kept": kept,
+            "stages": [s for s in record.stats.get("stages", []) if isinstance(s, dict)],
+            "totals": {k: v for k, v in record.stats.items() if not isinstance(v, (dict, list))}}
 
 
-def _relation(con: duckdb.DuckDBPyConnection, params: dict[str, list[str]]) -> tuple[str, str]:
+def _relation(cache: Cache, params: dict[str, list[str]]) -> tuple[str, str]:
     """The table a request names, as a checked SQL relation: a kept run's table, or a record of main."""
     table = _one(params, "table")
     if params.get("run", [""])[0] == "main":
-        if table not in _record_tables(con):
-            raise NotFoundError(f"no record table {table!r} (records: {', '.join(_record_tables(con))})")
+        if table not in _record_tables(cache):
+            raise NotFoundError(f"no record table {table!r} (records: {', '.join(_record_tables(cache))})")
         return f"main.{quote(table)}", table
-    return check_table(con, _int(params, "run"), table), table
+    return check_table(cache, _int(params, "run"), table), table
 
 
-def api_table(con: duckdb.DuckDBPyConnection, params: dict[str, list[str]]) -> dict[str, Any]:
-    rel, table = _relation(con, params)
-    cols = columns(con, rel)
-    where: list[str] = []
-    values: list[Any] = []
-    q = params.get("q", [""])[0].strip()
-    if q:  # a search: any column's text contains it, case-insensitively
-        where.append("(" + " OR ".join(f"contains(lower(CAST({quote(c)} AS VARCHAR)), ?)" for c in cols) + ")")
-        values += [q.lower()] * len(cols)
+def api_table(cache: Cache, params: dict[str, list[str]]) -> dict[str, Any]:
+    rel, table = _relation(cache, params)
+    cols = cache.columns(rel)
+    equals: list[tuple[str, str | None]] = []
     for item in params.get("f", []):
         column, sep, value = item.partition("=")
         if not sep or column not in cols:
             raise UserError(f"filter {item!r}: expected COLUMN=VALUE with a column of {table}")
-        if value == "":
-            where.append(f"{quote(column)} IS NULL")
-        else:
-            where.append(f"CAST({quote(column)} AS VARCHAR) = ?")
-            values.append(value)
+        equals.append((column, value or None))  # `COLUMN=`: the column is NULL
     errors = params.get("errors", [""])[0]
-    if errors and "_error" in cols:
-        where.append("_error IS NOT NULL" if errors == "only" else "_error IS NULL")
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
     sort = params.get("sort", [""])[0]
     if sort and sort not in cols:
         raise UserError(f"sort {sort!r}: {table} has no such column")
-    order = f" ORDER BY {quote(sort)} {'DESC' if params.get('desc', [''])[0] == '1' else 'ASC'} NULLS LAST" \
-        if sort else ""
     limit = _int(params, "limit", PAGE_ROWS, low=1, high=500)
     offset = _int(params, "offset", 0)
-    total = con.execute(f"SELECT count(*) FROM {rel}{clause}", values).fetchall()[0][0]
-    rows = con.execute(f"SELECT * FROM {rel}{clause}{order} LIMIT ? OFFSET ?", [*values, limit, offset]).fetchall()
-    return {"table": table, "relation": rel, "columns": cols, "total": total, "offset": offset, "limit": limit,
-            "rows": [[_cut(_plain(v)) for v in r] for r in rows]}
+    page = cache.page(rel, search=params.get("q", [""])[0].strip() or None, equals=equals,
+                      errors=(errors == "only") if errors and "_error" in cols else None, sort=sort or None,
+                      descending=params.get("desc", [""])[0] == "1", limit=limit, offset=offset)
+    return {"table": table, "relation": rel, "columns": cols, "total": page.total, "offset": offset, "limit": limit,
+            "rows": [[_cut(_plain(v)) for v in r] for r in page.rows]}
 
 
-def api_lineage(con: duckdb.DuckDBPyConnection, params: dict[str, list[str]]) -> dict[str, Any]:
-    found = lineage(con, _int(params, "run"), _one(params, "table"), _one(params, "id"))
+def api_lineage(cache: Cache, params: dict[str, list[str]]) -> dict[str, Any]:
+    found = lineage(cache, _int(params, "run"), _one(params, "table"), _one(params, "id"))
     return _plain(found.to_dict())  # type: ignore[no-any-return]
 
 
-def api_failures(con: duckdb.DuckDBPyConnection, params: dict[str, list[str]]) -> dict[str, Any]:
+def api_failures(cache: Cache, params: dict[str, list[str]]) -> dict[str, Any]:
     """Calls that failed after their retries (from `failures`) and rows whose completion did not parse."""
     run = _int(params, "run")
-    calls = con.execute("SELECT stage, row_id, call_key, error, status, created_at FROM failures "
-                        "WHERE run_id = ? ORDER BY created_at, stage, row_id LIMIT 500", [run]).fetchall()
-    kept = run in kept_runs(con)
-    sources = {(stage, row): source_table(con, run, stage, row) if kept and row is not None else None
-               for stage, row, *_ in calls}
+    calls = cache.failures(run, limit=500)
+    kept = run in cache.unpruned_runs()
+    sources = {(f["stage"], f["row_id"]): source_table(cache, run, f["stage"], f["row_id"])
+               if kept and f["row_id"] is not None else None for f in calls}
     parse = []
     if kept:
-        for name in run_tables(con, run):
+        for name in run_tables(cache, run):
             rel = relation(run, name)
-            if "_error" not in columns(con, rel):
+            if "_error" not in cache.columns(rel):
                 continue
-            for row_id, error, raw in con.execute(f"SELECT CAST(_id AS VARCHAR), _error, _raw FROM {rel} "
-                                                  "WHERE _error IS NOT NULL LIMIT 200").fetchall():
-                parse.append({"table": name, "id": row_id, "error": error, "raw": _cut(raw)})
-    return {"run": run, "calls": [{"stage": s, "row": r, "source": sources[(s, r)], "key": k, "error": e, "status": st,
-                                   "at": _plain(at)} for s, r, k, e, st, at in calls], "parse": parse}
+            for row in cache.page(rel, errors=True, limit=200).records():
+                parse.append({"table": name, "id": None if row.get("_id") is None else str(row["_id"]),
+                              "error": row["_error"], "raw": _cut(row.get("_raw"))})
+    return {"run": run, "calls": [{"stage": f["stage"], "row": f["row_id"],
+                                   "source": sources[(f["stage"], f["row_id"])], "key": f["call_key"],
+                                   "error": f["error"], "status": f["status"], "at": _plain(f["created_at"])}
+                                  for f in calls], "parse": parse}
 
 
 def api_reports(store: Store) -> dict[str, Any]:
@@ -261,7 +231,7 @@ def api_reports(store: Store) -> dict[str, Any]:
     return {"folder": str(store.reports), "reports": reports}
 
 
-API: dict[str, Callable[[duckdb.DuckDBPyConnection, dict[str, list[str]]], dict[str, Any]]] = {
+API: dict[str, Callable[[Cache, dict[str, list[str]]], dict[str, Any]]] = {
     "/api/runs": api_runs, "/api/run": api_run, "/api/table": api_table, "/api/lineage": api_lineage,
     "/api/failures": api_failures,
 }
@@ -305,8 +275,8 @@ def _handler(store: Store, port: int) -> type[BaseHTTPRequestHandler]:
 
         def _api(self, fn: Callable[..., dict[str, Any]], params: dict[str, list[str]]) -> None:
             try:
-                with store.open() as con:
-                    body = fn(con, params)
+                with store.open() as cache:
+                    body = fn(cache, params)
                 self._json(HTTPStatus.OK, body)
             except CacheError as exc:  # another process holds the file: say so, try again next time
                 self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
