@@ -21,9 +21,10 @@ import duckdb
 import pytest
 from conftest import ROOT, run_cli
 
-from retort.comparison import bootstrap_statistic, choice_match, corpus_resamples, load_comparison, majority
+from retort.comparison import choice_match, load_comparison, majority
+from retort.comparison.scoring import corpus_resamples
 from retort.errors import SpecError
-from retort.stats import bootstrap_ci
+from retort.stats import bootstrap_ci, bootstrap_statistic
 from retort.workspace import Workspace
 
 N = 10
