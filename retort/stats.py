@@ -439,9 +439,9 @@ def compare_statistics(n: int, statistics: Mapping[str, Callable[[list[int]], fl
     _check_params(confidence, resamples)
     names = list(statistics)
     functions = [statistics[name] for name in names]
+    replicates = bootstrap_statistic(n, functions, resamples=resamples, seed=seed)  # first: it rejects n < 1
     everything = list(range(n))
     estimates = [f(everything) for f in functions]
-    replicates = bootstrap_statistic(n, functions, resamples=resamples, seed=seed)
     strategies = tuple(StrategyResult(name, n, interval(e, reps, confidence), False)
                        for name, e, reps in zip(names, estimates, replicates, strict=True))
     pairs: list[PairResult] = []

@@ -152,8 +152,7 @@ class Comparer:
 
     def _read(self, run: StrategyRun, item_ids: set[str]) -> None:
         """The strategy's prediction per item, and the wall time of the calls its tables reference."""
-        assert run.run_id is not None
-        if not self.cache.table_exists(f"run_{run.run_id}", run.stage):
+        if run.run_id is None or not self.cache.table_exists(f"run_{run.run_id}", run.stage):
             raise NotFoundError(f"strategy {run.name}: run {run.run_id} produced no table {run.stage!r} "
                                 "(a stage failed; see `retort show failures`)")
         columns = self.cache.stage_column_names(run.run_id, run.stage)
