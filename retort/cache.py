@@ -898,7 +898,7 @@ class Cache:
         return self.con.sql(f'SELECT * FROM run_{run_id}."input"').to_arrow_table().to_pylist()
 
     def stage_column_names(self, run_id: int, stage: str) -> list[str]:
-        return [r[0] for r in self.con.execute(f"DESCRIBE run_{run_id}.{quote(stage)}").fetchall()]
+        return self.columns(f"run_{run_id}.{quote(stage)}")
 
     def stage_values(self, run_id: int, stage: str, column: str) -> list[tuple[str, Any]]:
         """(`_id` as text, the column's value) for every row of a run's stage table."""
