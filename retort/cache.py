@@ -893,6 +893,52 @@ class Cache:
 
     # ---- reads for compare (retort/comparison.py and what it becomes) ----
 
+    def run_input_rows(self, run_id: int) -> list[dict[str, Any]]:
+        """The rows of a run's `input` table: the dataset as that run read it, with its `_id`."""
+        return self.con.sql(f'SELECT * FROM run_{run_id}."input"').to_arrow_table().to_pylist()
+
+    def stage_column_names(self, run_id: int, stage: str) -> list[str]:
+        return self.columns(f"run_{run_id}.{quote(stage)}")
+
+    def stage_values(self, run_id: int, stage: str, column: str) -> list[tuple[str, Any]]:
+        """(`_id` as text, the column's value) for every row of a run's stage table."""
+        return self.con.execute(f'SELECT CAST("_id" AS VARCHAR), {quote(column)} '
+                                f"FROM run_{run_id}.{quote(stage)}").fetchall()
+
+    def call_latency_seconds(self, run_id: int) -> float:
+        """The summed latency of the calls a run's stage tables reference, each call once: the run's wall
+        time had it made every call one at a time."""
+        schema = f"run_{run_id}"
+        tables = [r[0] for r in self.con.execute(
+            "SELECT DISTINCT table_name FROM information_schema.columns WHERE table_schema = ? "
+            "AND column_name = '_call'", [schema]).fetchall()]
+        if not tables:
+            return 0.0
+        keys = " UNION ".join(f'SELECT "_call" AS k FROM {schema}.{quote(t)}' for t in sorted(tables))
+        total = self.con.execute(f"SELECT coalesce(sum(l), 0) FROM (SELECT key, min(latency_ms) AS l FROM calls "
+                                 f"WHERE key IN ({keys}) GROUP BY key)").fetchall()[0][0]
+        return float(total or 0) / 1000
+
+    def record_comparison(self, name: str, items: list[tuple[Any, ...]], metrics: list[tuple[Any, ...]]) -> None:
+        """A comparison's results in one transaction: its rows of `compare_items` (comparison, strategy, item_id,
+        prediction, reference, score) replaced, and (run_id, pipeline, stage, name, value, data JSON) rows
+        added to `metrics`."""
+        def arrow(rows: list[tuple[Any, ...]], fields: list[tuple[str, pa.DataType]]) -> pa.Table:
+            return pa.table({name: pa.array([row[i] for row in rows], kind) for i, (name, kind) in enumerate(fields)})
+
+        self._check_writes()
+        item_table = arrow(items, [("comparison", pa.string()), ("strategy", pa.string()), ("item_id", pa.string()),
+                                   ("prediction", pa.string()), ("reference", pa.string()), ("score", pa.float64())])
+        metric_table = arrow(metrics, [("run_id", pa.int32()), ("pipeline", pa.string()), ("stage", pa.string()),
+                                       ("name", pa.string()), ("value", pa.float64()), ("data", pa.string())])
+        with self._transaction():
+            self.con.execute("CREATE TABLE IF NOT EXISTS main.compare_items (comparison VARCHAR, strategy VARCHAR, "
+                             "item_id VARCHAR, prediction VARCHAR, reference VARCHAR, score DOUBLE)")
+            self.con.execute("DELETE FROM main.compare_items WHERE comparison = ?", [name])
+            _register_and(self.con, item_table, "INSERT INTO main.compare_items BY NAME SELECT * FROM _batch")
+            _register_and(self.con, metric_table,
+                          "INSERT INTO main.metrics BY NAME SELECT *, now() AS created_at FROM _batch")
+
     # ---- reads for show, export, view, lineage, the Python API and the CLI ----
     # Names of tables reach these as relations that `resolve` (or the viewer's catalog checks) made;
     # every value is a bound parameter, and a user's `--where` is checked before it runs (`_filtered`).

@@ -15,11 +15,11 @@ import os
 import shlex
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from retort import __version__
+from retort.cliutil import collector_for_runs, name_values
 from retort.errors import NotFoundError, RetortError, UserError
 
 EXIT_FAILURES = 1
@@ -36,17 +36,6 @@ def _db_path(args: argparse.Namespace) -> Path:
     return Path(args.db) if args.db else _workspace(args).db_path
 
 
-def name_values(items: list[str] | None, flag: str) -> dict[str, str]:
-    """`--model`, `--map`: NAME=VALUE items as a dict; anything else is one usage error."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"{flag} {item!r}: expected NAME=VALUE")
-        out[key] = value
-    return out
-
-
 def _runner(args: argparse.Namespace, mode: str, cache: Any, progress: Any = None) -> Any:
     from retort import backends
     from retort.runner import Runner
@@ -59,26 +48,6 @@ def _runner(args: argparse.Namespace, mode: str, cache: Any, progress: Any = Non
                   limit=args.limit, sample=args.sample, seed=args.seed, model_targets=targets, progress=progress,
                   max_retries=args.retries, argv=shlex.join(sys.argv[1:]),
                   reuse=not getattr(args, "no_reuse", False), max_failures=getattr(args, "max_failures", 0))
-
-
-@contextlib.contextmanager
-def collector_for_runs() -> Iterator[None]:
-    """The garbage collector tuned for a run, in the command line's own process only (the library
-    changes nothing process-wide). A run allocates millions of short-lived objects and keeps few:
-    the default collector (the youngest generation every 700 allocations, and full collections over
-    every object the imports made) costs 10-20 us per call and stalls the event loop 30-80 ms at a
-    time (bench/bench_store.py). Freezing what is loaded and collecting the youngest generation
-    every 50,000 allocations removes both; both are restored on the way out."""
-    import gc
-
-    threshold = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(50_000, *threshold[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -727,7 +696,7 @@ def _add_compare_parser(sub: Any) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from retort.comparison import cmd_compare
+    from retort.comparison.command import cmd_compare
 
     return cmd_compare(args)
 

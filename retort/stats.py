@@ -2,11 +2,14 @@
 
 Every strategy in a comparison is scored on the same items, so the honest
 comparison is *paired*: resample item indices, not each strategy on its own.
-All bootstraps here draw their item indices from one seeded `random.Random`
-stream that depends only on (number of items, resamples, seed). Hence
-`compare_strategies(..., seed=s)` reports exactly the intervals that
-`bootstrap_ci(column, seed=s)` and `paired_bootstrap_diff(a, b, seed=s)` give
-on their own, and a rerun with the same seed reproduces a report bit for bit.
+There is one resampling loop, `bootstrap_statistic`: it draws item indices from
+one seeded `random.Random` stream that depends only on (number of items,
+resamples, seed) and evaluates every statistic on each draw. Every interval
+here comes from it. Hence `compare_strategies(..., seed=s)` reports exactly the
+intervals that `bootstrap_ci(column, seed=s)` and `paired_bootstrap_diff(a, b,
+seed=s)` give on their own, `compare_statistics` (a corpus-level metric such as
+macro-F1, recomputed on each draw) pairs its differences the same way, and a
+rerun with the same seed reproduces a report bit for bit.
 
 Intervals are percentile bootstrap intervals of the mean (linear interpolation
 between order statistics, like numpy's default). Pure stdlib on purpose:
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from operator import itemgetter
@@ -37,6 +40,8 @@ __all__ = [
     "adjust",
     "bootstrap_ci",
     "bootstrap_p",
+    "bootstrap_statistic",
+    "compare_statistics",
     "compare_strategies",
     "holm",
     "interval",
@@ -196,26 +201,38 @@ def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], *, confidence:
     return interval(_mean_diff(col_a, col_b), _differences(means_a, means_b), confidence)
 
 
-def _resampled_means(columns: Sequence[Sequence[float]], resamples: int, seed: int) -> list[list[float]]:
-    """Means of every column over `resamples` shared draws of item indices (with replacement).
+def bootstrap_statistic(n: int, statistics: Sequence[Callable[[list[int]], float]], *, resamples: int = 2000,
+                        seed: int = 0) -> list[list[float]]:
+    """Each statistic over `resamples` shared draws of n item indices (with replacement): retort's one
+    resampling loop.
 
-    One index draw serves all columns, which is what makes the comparison paired:
-    mean(a) - mean(b) over one draw is mean(a - b) over that draw.
+    One index draw serves every statistic, which is what makes a comparison paired:
+    the difference of two statistics' replicates is a paired bootstrap of their difference.
     """
-    n = len(columns[0])
+    if n < 1:
+        raise ValueError("no items")
     rng = random.Random(seed)
     population = range(n)
-    out: list[list[float]] = [[0.0] * resamples for _ in columns]
+    out = [[0.0] * resamples for _ in statistics]
     for r in range(resamples):
         idx = rng.choices(population, k=n)
-        if n == 1:  # itemgetter with one key returns the item, not a tuple
-            for c, col in enumerate(columns):
-                out[c][r] = col[0]
-            continue
-        pick = itemgetter(*idx)
-        for c, col in enumerate(columns):
-            out[c][r] = sum(pick(col)) / n
+        for s, stat in enumerate(statistics):
+            out[s][r] = stat(idx)
     return out
+
+
+def _resampled_means(columns: Sequence[Sequence[float]], resamples: int, seed: int) -> list[list[float]]:
+    """Means of every column over the shared draws of `bootstrap_statistic`."""
+    return bootstrap_statistic(len(columns[0]), [_mean_of(col) for col in columns], resamples=resamples, seed=seed)
+
+
+def _mean_of(column: Sequence[float]) -> Callable[[list[int]], float]:
+    """The mean of `column` at drawn indices; itemgetter, because this runs resamples x strategies times."""
+    n = len(column)
+    if n == 1:  # itemgetter with one key returns the item, not a tuple
+        only = column[0]
+        return lambda idx: only
+    return lambda idx: sum(itemgetter(*idx)(column)) / n
 
 
 def _differences(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
@@ -399,13 +416,51 @@ def compare_strategies(items: Mapping[str, Sequence[float | bool]], *, confidenc
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             a, b = columns[i], columns[j]
-            replicates = _differences(means[i], means[j])
-            diff = interval(_mean_diff(a, b), replicates, confidence)
             test = mcnemar_exact([x == 1.0 for x in a], [y == 1.0 for y in b]) if binary[i] and binary[j] else None
             disagree = tuple(k for k, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
-            p = test.p_value if test else bootstrap_p(replicates)
-            pairs.append(PairResult(names[i], names[j], diff, test, disagree, p_value=p, alpha=1 - confidence))
+            pairs.append(_pair(names[i], names[j], _mean_diff(a, b), means[i], means[j], confidence, test, disagree))
     return Comparison(n, confidence, resamples, seed, strategies, adjust(pairs))
+
+
+def compare_statistics(n: int, statistics: Mapping[str, Callable[[list[int]], float]], *,
+                       disagreements: Callable[[int, int], Sequence[int]] | None = None, confidence: float = 0.95,
+                       resamples: int = 2000, seed: int = 0) -> Comparison:
+    """Compare strategies by a statistic of all their items at once (macro-F1), not a mean of per-item values.
+
+    `statistics` maps a strategy name to a function of item indices (with repeats) that returns
+    the statistic over those items; it is evaluated on all n items for the estimate and on the
+    draws of `bootstrap_statistic` for the interval. With `disagreements` (the positions i, j of
+    two strategies -> the item indices where they differ) every pair gets its paired interval
+    and a paired bootstrap p; without it the comparison has no pairs. No McNemar: there is no
+    per-item right/wrong.
+    """
+    if not statistics:
+        raise ValueError("no strategies to compare")
+    _check_params(confidence, resamples)
+    names = list(statistics)
+    functions = [statistics[name] for name in names]
+    replicates = bootstrap_statistic(n, functions, resamples=resamples, seed=seed)  # first: it rejects n < 1
+    everything = list(range(n))
+    estimates = [f(everything) for f in functions]
+    strategies = tuple(StrategyResult(name, n, interval(e, reps, confidence), False)
+                       for name, e, reps in zip(names, estimates, replicates, strict=True))
+    pairs: list[PairResult] = []
+    if disagreements is not None:
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                pairs.append(_pair(names[i], names[j], estimates[i] - estimates[j], replicates[i], replicates[j],
+                                   confidence, None, tuple(disagreements(i, j))))
+    return Comparison(n, confidence, resamples, seed, strategies, adjust(pairs))
+
+
+def _pair(a: str, b: str, estimate: float, reps_a: Sequence[float], reps_b: Sequence[float], confidence: float,
+          test: McNemar | None, disagree: tuple[int, ...]) -> PairResult:
+    """Strategy a against b from their replicates over the same draws; p is McNemar's when there is
+    one, else the paired bootstrap's."""
+    replicates = _differences(reps_a, reps_b)
+    p = test.p_value if test else bootstrap_p(replicates)
+    return PairResult(a, b, interval(estimate, replicates, confidence), test, disagree, p_value=p,
+                      alpha=1 - confidence)
 
 
 def adjust(pairs: Sequence[PairResult]) -> tuple[PairResult, ...]:

@@ -13,6 +13,7 @@ answers by prompt prefix and item number, so every accuracy is known exactly:
 
 from __future__ import annotations
 
+import ast
 import json
 import textwrap
 from pathlib import Path
@@ -21,9 +22,12 @@ import duckdb
 import pytest
 from conftest import ROOT, run_cli
 
-from retort.comparison import bootstrap_statistic, choice_match, corpus_resamples, load_comparison, majority
+from retort import stats
+from retort.cache import Cache
+from retort.comparison import choice_match, find_comparison, load_comparison, majority, run_comparison
+from retort.comparison.scoring import corpus_resamples
 from retort.errors import SpecError
-from retort.stats import bootstrap_ci
+from retort.stats import bootstrap_ci, bootstrap_statistic
 from retort.workspace import Workspace
 
 N = 10
@@ -378,3 +382,43 @@ def test_cost_in_dollars_from_the_model_prices(ws: Path) -> None:
     assert priced["prompt_tokens"] == 3 * 4 and priced["completion_tokens"] == 4  # "A: item i" -> "pos"
     assert priced["cost_usd"] == pytest.approx((12 * 2.5 + 4 * 10) / 1e6)
     assert costs["one"]["cost_usd"] is None
+
+
+def test_every_interval_of_a_comparison_comes_from_the_stats_resampling(ws: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compare has no resampling of its own: each metric's intervals are one call of stats.bootstrap_statistic."""
+    seen: list[tuple[int, int, int]] = []
+    real = stats.bootstrap_statistic
+
+    def spy(n: int, statistics: list, *, resamples: int = 2000, seed: int = 0) -> list[list[float]]:
+        seen.append((n, len(statistics), resamples))
+        return real(n, statistics, resamples=resamples, seed=seed)
+
+    monkeypatch.setattr(stats, "bootstrap_statistic", spy)
+    workspace = Workspace(ws)
+    cache = Cache(ws / ".retort" / "retort.duckdb")
+    try:
+        result = run_comparison(workspace, find_comparison(workspace, "tiny"), cache, progress=False,
+                                model_targets={"*": "scripted:script:reply"}, log=lambda _: None)
+    finally:
+        cache.close()
+    # accuracy, macro_f1 (corpus-level: recomputed per draw) and pos_rate: three strategies on ten items each
+    assert seen == [(N, 3, 500)] * 3
+    assert {n: iv.estimate for n, iv in result.intervals["accuracy"].items()} == pytest.approx(
+        {n: ACCURACY[n] for n in ("one", "two", "vote")})
+    assert {n: iv.estimate for n, iv in result.intervals["macro_f1"].items()} == pytest.approx(
+        {n: _macro_f1(PREDICTIONS[n]) for n in ("one", "two", "vote")})
+
+
+def test_compare_reaches_the_store_through_cache_methods_only() -> None:
+    """No `.con`, no import of the command line (the import circle it had with cli.py) and nothing private of
+    retort.stats in retort/comparison/."""
+    for path in sorted((ROOT / "retort" / "comparison").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        assert not [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "con"], path
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "retort.cli" not in imported, path
+        from_stats = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "retort.stats"
+                      for a in n.names]
+        assert not [name for name in from_stats if name.startswith("_")], path  # public functions only

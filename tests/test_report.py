@@ -10,7 +10,22 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from retort.report import CostRow, render_terminal, to_html, to_json, to_markdown
+from retort.report import (
+    Column,
+    CostRow,
+    Disagreement,
+    PairDisagreements,
+    Table,
+    build,
+    html_page,
+    json_doc,
+    markdown,
+    render_terminal,
+    terminal,
+    to_html,
+    to_json,
+    to_markdown,
+)
 from retort.stats import Comparison, compare_strategies
 
 EVIL = "<script>alert(1)</script>"
@@ -229,3 +244,60 @@ def test_terminal_prints_names_literally() -> None:
         assert "Paired differences" in text and "demo.yaml" in text
         assert "[red]not" in text.replace("\n", " ") or "[red]not markup[/red]" in text
         assert "plain" in text
+
+
+# --------------------------------------------------------------------------- what a caller adds, as data
+
+
+def _with_extras(comparison: Comparison) -> Any:
+    """A report with a caller's table and the items two strategies disagree on, built as `retort compare` does."""
+    table = Table("strategies", "table-metrics", "Strategies and all metrics",
+                  (Column("strategy"), Column("run", numeric=True, detail=True), Column("f1 <95% CI>", numeric=True)),
+                  tuple((name, str(k), f"0.{k}00 [0.{k}00, 0.{k}50]") for k, name in enumerate(NAMES, 1)),
+                  note="Missing items <score> 0.")
+    items = tuple(Disagreement(str(i), f"text {i} & <i>", "pos", None if i == 3 else "neg", "pos") for i in range(5))
+    pairs = (PairDisagreements(NAMES[0], EVIL, items, 42, f"retort compare demo --disagree {NAMES[0]} x"),
+             PairDisagreements(NAMES[1], NAMES[2], (), 0, "unused"))
+    return build(comparison, _costs(), spec="demo.yaml", generated="2025-01-02", tables=[table],
+                 disagreements=pairs, details={"compare": {"item_ids": ["a", "b"]}})
+
+
+def test_html_draws_the_callers_sections_from_the_report_data(comparison: Comparison) -> None:
+    r = _with_extras(comparison)
+    page = html_page.render(r)
+    doc = _parse(page)
+    assert {"strategies", "table-metrics", "disagreements"} <= doc.ids()
+    # in order, after the report's own tables and before the footer, each once
+    order = [page.index(mark) for mark in ('id="table-pairs"', '<section id="strategies">',
+                                           '<section id="disagreements">', "<footer>")]
+    assert order == sorted(order) and page.count("<footer>") == 1 and page.count('id="strategies"') == 1
+    strategies = page.split('<section id="strategies">', 1)[1].split("</section>", 1)[0]
+    assert strategies.count("<tr>") == 1 + len(NAMES) and strategies.count('<td class="n">') == 2 * len(NAMES)
+    assert "Missing items &lt;score&gt; 0." in strategies and "f1 &lt;95% CI&gt;" in strategies
+    section = page.split('<section id="disagreements">', 1)[1].split("</section>", 1)[0]
+    assert section.count("<h3>") == 1  # a pair without disagreements gets no table
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;: 42 items" in section and EVIL not in page
+    assert section.count("<tr>") == 1 + 5 and "text 0 &amp; &lt;i&gt;" in section and "\u2014" in section
+    assert "37 more: retort compare demo --disagree zero-shot x" in section
+    # the same comparison without extras has none of it: the page is drawn from data, not patched
+    plain = html_page.render(build(comparison, _costs(), spec="demo.yaml", generated="2025-01-02"))
+    assert 'id="strategies"' not in plain and 'id="disagreements"' not in plain
+    assert plain.split("<footer>")[1] == page.split("<footer>")[1]
+
+
+def test_markdown_json_and_terminal_show_the_callers_table(comparison: Comparison) -> None:
+    r = _with_extras(comparison)
+    md = markdown.render(r)
+    plain = markdown.render(build(comparison, _costs(), spec="demo.yaml", generated="2025-01-02"))
+    assert md.startswith(plain.rstrip("\n") + "\n\n## Strategies and all metrics\n\n| strategy | run | f1 <95% CI> |")
+    assert md.endswith("\n\nMissing items <score> 0.\n") and md.count("\n| ") - plain.count("\n| ") == 1 + len(NAMES)
+    data = json.loads(json_doc.render(r))
+    assert data["compare"] == {"item_ids": ["a", "b"]} and list(data)[:-1] == list(json.loads(json_doc.render(
+        build(comparison, _costs(), spec="demo.yaml", generated="2025-01-02"))))
+    for width, shown in ((140, True), (80, False)):
+        out = io.StringIO()
+        console = Console(file=out, width=width, record=True, color_system=None)
+        terminal.render(r, console)
+        text = console.export_text()
+        assert "Strategies and all metrics" in text and "0.400 [0.400, 0.450]" in text
+        assert (" run " in text) is shown  # a detail column, dropped in a narrow terminal

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 
+from retort import stats
 from retort.stats import (
     Interval,
     bootstrap_ci,
+    bootstrap_statistic,
+    compare_statistics,
     compare_strategies,
     mcnemar_exact,
     paired_bootstrap_diff,
@@ -298,3 +302,55 @@ def test_compare_strategies_rejects_uneven_or_empty_input() -> None:
         compare_strategies({"a": [], "b": []})
     with pytest.raises(KeyError):
         compare_strategies({"a": [True]}, resamples=10).strategy("b")
+
+
+# --------------------------------------------------------------------------- one resampling loop
+
+
+def test_every_interval_comes_from_the_one_resampling_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[int, int, int]] = []
+    real = stats.bootstrap_statistic
+
+    def spy(n: int, statistics: list, *, resamples: int = 2000, seed: int = 0) -> list[list[float]]:
+        seen.append((n, len(statistics), resamples))
+        return real(n, statistics, resamples=resamples, seed=seed)
+
+    monkeypatch.setattr(stats, "bootstrap_statistic", spy)
+    a, b = [1, 0, 1, 1, 0, 1], [1, 1, 0, 1, 0, 0]
+    bootstrap_ci(a, resamples=50)
+    paired_bootstrap_diff(a, b, resamples=60)
+    win_rate(["a", "b", "tie"], resamples=70)
+    compare_strategies({"a": a, "b": b, "c": a}, resamples=80)
+    compare_statistics(6, {"a": lambda idx: 0.0, "b": lambda idx: 1.0}, resamples=90)
+    assert seen == [(6, 1, 50), (6, 2, 60), (3, 1, 70), (6, 3, 80), (6, 2, 90)]
+
+
+def test_compare_statistics_with_the_mean_reproduces_compare_strategies() -> None:
+    """A statistic over resampled indices pairs exactly like per-item values: the same draws, the same numbers."""
+    rng = random.Random(3)
+    columns = {name: [float(rng.random() < p) for _ in range(40)] for name, p in (("a", 0.8), ("b", 0.5), ("c", 0.6))}
+
+    def mean_of(column: list[float]) -> Callable[[list[int]], float]:
+        return lambda idx: sum(column[i] for i in idx) / len(idx)
+
+    by_values = compare_strategies(columns, resamples=400, seed=9)
+    names = list(columns)
+    by_statistic = compare_statistics(
+        40, {name: mean_of(col) for name, col in columns.items()}, resamples=400, seed=9,
+        disagreements=lambda i, j: [k for k in range(40) if columns[names[i]][k] != columns[names[j]][k]])
+    for x, y in zip(by_values.strategies, by_statistic.strategies, strict=True):
+        assert (x.name, x.n) == (y.name, y.n) and not y.binary
+        assert (y.metric.estimate, y.metric.low, y.metric.high) == pytest.approx(
+            (x.metric.estimate, x.metric.low, x.metric.high), abs=1e-12)
+    for x, y in zip(by_values.pairs, by_statistic.pairs, strict=True):
+        assert (x.a, x.b, x.disagreements) == (y.a, y.b, y.disagreements) and y.mcnemar is None
+        assert (y.diff.estimate, y.diff.low, y.diff.high) == pytest.approx(
+            (x.diff.estimate, x.diff.low, x.diff.high), abs=1e-12)
+        assert 0 < y.p_value <= 1 and y.p_holm >= y.p_value
+    assert by_values.pair("a", "b").diff.low > 0  # a clear difference, so the comparison is not vacuous
+    assert compare_statistics(40, {"a": mean_of(columns["a"])}, resamples=10).pairs == ()
+
+
+def test_bootstrap_statistic_rejects_no_items() -> None:
+    with pytest.raises(ValueError, match="no items"):
+        bootstrap_statistic(0, [lambda idx: 0.0])
