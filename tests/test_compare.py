@@ -422,3 +422,29 @@ def test_compare_reaches_the_store_through_cache_methods_only() -> None:
         from_stats = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "retort.stats"
                       for a in n.names]
         assert not [name for name in from_stats if name.startswith("_")], path  # public functions only
+
+
+def test_the_python_api_compares_like_the_cli(ws: Path) -> None:
+    """`retort.compare` returns the scored result in process; a second call is answered from the cache."""
+    import retort
+
+    before = _db_calls(ws)
+    result = retort.compare("tiny", models={"*": "scripted:script:reply"}, workspace=ws)
+    made = _db_calls(ws) - before
+    assert made > 0
+    accuracy = {name: interval.estimate for name, interval in result.intervals["accuracy"].items()}
+    assert accuracy == pytest.approx({n: ACCURACY[n] for n in ("one", "two", "vote")})
+    assert result.missing(result.run("two")) == 1  # item 9 has no prediction from "two"
+    again = retort.compare("tiny", models={"*": "scripted:script:reply"}, workspace=ws)
+    assert _db_calls(ws) - before == made  # nothing called twice
+    assert {n: i.estimate for n, i in again.intervals["accuracy"].items()} == accuracy
+
+
+def _db_calls(ws: Path) -> int:
+    if not (ws / ".retort" / "retort.duckdb").exists():
+        return 0
+    con = _db(ws)
+    try:
+        return int(con.execute("SELECT count(*) FROM calls").fetchall()[0][0])
+    finally:
+        con.close()
