@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -53,31 +54,77 @@ def make_cache(path: Path, n: int) -> None:
     con.close()
 
 
-def lookups(n: int, workdir: Path) -> dict[str, float]:
+def _time(cache: Cache, keys: list[str], expect: int) -> float:
+    t = time.perf_counter()
+    found = cache.lookup(keys)
+    elapsed = (time.perf_counter() - t) * 1000
+    assert len(found) == expect, (len(found), expect)
+    return elapsed
+
+
+def lookups(n: int, workdir: Path, rounds: int = 5) -> dict[str, float]:
+    """Per-chunk look-up times (best and median of `rounds`, after warm-up), with the key index and
+    without it (the scan of every row that retort did before), for three kinds of chunk:
+    hits written together (a replay: an earlier run wrote them one after another), hits scattered over
+    the whole ledger (each written by a different run: the worst case), and misses (a first run)."""
+    import random
+
+    import retort.cache as store
+
     path = workdir / f"lookup_{n}.duckdb"
     began = time.monotonic()
     make_cache(path, n)
     made = time.monotonic() - began
-    cache = Cache(path)
+    size = min(CHUNK, n)
+    rng = random.Random(n)
+
+    def chunk(kind: str, round_: int) -> tuple[list[str], int]:
+        if kind == "hit":
+            first = rng.randrange(max(1, n - size))
+            return [hashlib.sha256(str(i).encode()).hexdigest() for i in range(first, first + size)], size
+        if kind == "scattered":
+            return [hashlib.sha256(str(i).encode()).hexdigest() for i in rng.sample(range(n), size)], size
+        return [hashlib.sha256(f"miss {round_} {i} {rng.random()}".encode()).hexdigest() for i in range(CHUNK)], 0
+
+    out: dict[str, float] = {"calls": n, "build_s": round(made, 1)}
+    saved = store.INDEX_SMALL, store.INDEX_AFTER_SCANS
     try:
-        times: dict[str, list[float]] = {"hit": [], "miss": []}
-        for round_ in range(6):
-            first = (round_ * 7919) % max(1, n - CHUNK)
-            hits = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(first, first + min(CHUNK, n))]
-            misses = [hashlib.sha256(f"miss {round_} {i}".encode()).hexdigest() for i in range(CHUNK)]
-            for kind, keys in (("hit", hits), ("miss", misses)):
-                t = time.perf_counter()
-                found = cache.lookup(keys)
-                elapsed = time.perf_counter() - t
-                assert len(found) == (len(keys) if kind == "hit" else 0)
-                if round_:  # the first round warms DuckDB's buffers
-                    times[kind].append(elapsed * 1000)
+        for mode in ("index", "scan"):
+            if mode == "scan":
+                store.INDEX_SMALL, store.INDEX_AFTER_SCANS = -1, 1 << 62
+            cache = Cache(path)
+            try:
+                rss = _rss_mb()
+                if mode == "index":  # the first look-up that builds the index, on its own
+                    store.INDEX_SMALL = 1 << 62
+                    out["index_first_lookup_ms"] = round(_time(cache, *chunk("miss", -1)), 1)
+                    out["index_mb"] = round(cache._keys.values.nbytes / 2**20, 1) if cache._keys else -1
+                    out["index_rss_mb"] = round(_rss_mb() - rss, 1)
+                else:
+                    _time(cache, *chunk("miss", -1))
+                times: dict[str, list[float]] = {"hit": [], "scattered": [], "miss": []}
+                for round_ in range(rounds + 1):
+                    for kind in times:
+                        elapsed = _time(cache, *chunk(kind, round_))
+                        if round_:  # the first round warms DuckDB's buffers
+                            times[kind].append(elapsed)
+                assert (cache._keys is not None) == (mode == "index")
+                for kind, values in times.items():
+                    out[f"{mode}_{kind}_ms"] = round(min(values), 1)
+                    out[f"{mode}_{kind}_median_ms"] = round(statistics.median(values), 1)
+            finally:
+                cache.close()
+            store.INDEX_SMALL, store.INDEX_AFTER_SCANS = saved
     finally:
-        cache.close()
+        store.INDEX_SMALL, store.INDEX_AFTER_SCANS = saved
         path.unlink()
-    return {"calls": n, "build_s": round(made, 1), "hit_ms": round(min(times["hit"]), 1),
-            "hit_median_ms": round(statistics.median(times["hit"]), 1), "miss_ms": round(min(times["miss"]), 1),
-            "miss_median_ms": round(statistics.median(times["miss"]), 1)}
+    return out
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux), in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def lag(rows: int, workdir: Path) -> dict[str, float]:
@@ -152,11 +199,12 @@ def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000, 10_000_000])
     parser.add_argument("--lag-rows", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=5, help="timed look-ups of each kind (after one warm-up)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for n in args.sizes:
-            print("lookup", json.dumps(lookups(n, work)), flush=True)
+            print("lookup", json.dumps(lookups(n, work, args.rounds)), flush=True)
         if args.lag_rows:
             print("lag", json.dumps(lag(args.lag_rows, work)), flush=True)
 

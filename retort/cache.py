@@ -91,6 +91,11 @@ MIGRATIONS = {
 
 
 KEY_PREFIX_SQL = "('0x' || left(key, 15))::BIGINT"
+INDEX_SMALL = 1 << 20  # a ledger up to this many calls gets its key index at the first look-up (tens of ms)
+INDEX_AFTER_SCANS = 3  # a bigger one after this many scanning look-ups: by then they cost about what a build does
+INDEX_MIN_BITS = 20  # bits of rowid in an index entry, at least (see _KeyIndex)
+INDEX_RANGES = 16  # rowid ranges one look-up reads at most (its hits are where earlier runs wrote them)
+INDEX_TAIL = 65_536  # calls committed past the index before it takes them in (each look-up reads them meanwhile)
 
 
 def key_prefix(key: str) -> int:
@@ -153,6 +158,67 @@ class _Batch:
         return any(t is not None for t in (self.calls, self.vectors, self.failures)) or bool(self.rows)
 
 
+class _KeyIndex:
+    """Which rows of `calls` may hold a key, without scanning `calls`: one sorted int64 per committed call,
+    its key prefix's leading bits above its rowid (8 bytes a call: 80 MB at 10 million). A chunk's misses
+    are told by a binary search, and its hits are read from the few rowid ranges where earlier runs wrote
+    them, so a look-up costs the same with 10 thousand or 10 million calls cached (docs/benchmarks.md).
+
+    It is built from the ledger and extended from it, in memory only: nothing is written, so there is no
+    side structure to lose, repair or keep in step. Rows committed since (rowid `covered` and up) are not
+    in it: every look-up also reads them from `calls`, so a call committed by anyone is never missed.
+    `calls` is append-only (calls are never deleted), which is what keeps a row at its rowid."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.values = np.empty(0, np.int64)
+        self.bits = INDEX_MIN_BITS  # low bits: the rowid; the key prefix's top 63 - bits bits above them
+        self.covered = 0  # rows below this rowid are all in `values`
+        self.extended_at = 0  # Cache.flushed_calls when last extended
+
+    def extend(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Add the rows committed since; rebuild with wider rowids when the ledger outgrows them."""
+        import numpy as np
+
+        top = con.execute("SELECT max(rowid) + 1 FROM calls WHERE rowid >= $1", [self.covered]).fetchall()[0][0]
+        if top is None:
+            return
+        if top >= 1 << self.bits or not self.covered:  # start (again) with room for 4 times as many calls
+            self.values, self.covered = np.empty(0, np.int64), 0
+            self.bits = max(INDEX_MIN_BITS, (4 * top).bit_length())
+        shift = self.bits - 3  # the key prefix has 60 bits; 63 - bits of them fit above the rowid
+        new = np.asarray(con.execute(
+            f"SELECT ((coalesce(k, {KEY_PREFIX_SQL}) >> {shift}) << {self.bits}) | rowid AS v FROM calls "
+            "WHERE rowid >= $1 AND rowid < $2", [self.covered, top]).fetchnumpy()["v"], np.int64)
+        new.sort()
+        self.values = np.insert(self.values, np.searchsorted(self.values, new), new) if len(self.values) else new
+        self.covered = top  # rows committed since the max was read are the next tail
+
+    def rows(self, prefixes: Any) -> str:
+        """A SQL condition on `rowid` that holds for every row of `calls` whose key has one of these
+        prefixes (an int64 array): the ranges of the indexed ones, and everything past `covered`."""
+        import numpy as np
+
+        low = np.sort(prefixes >> (self.bits - 3)) << self.bits
+        start, stop = np.searchsorted(self.values, low), np.searchsorted(self.values, low + (1 << self.bits))
+        where = [f"rowid >= {self.covered}"]
+        if (stop > start).any():
+            if (stop - start).max() == 1:  # the usual case: one row per prefix present
+                rowids = self.values[start[stop > start]] & ((1 << self.bits) - 1)
+            else:  # some prefixes are shared: every row that has them
+                rowids = np.concatenate([self.values[a:b] for a, b in zip(start, stop, strict=True) if b > a])
+                rowids &= (1 << self.bits) - 1
+            rowids.sort()
+            gaps = np.diff(rowids)
+            cuts = np.flatnonzero(gaps > 2048)  # rows closer than that share DuckDB's storage anyway
+            if len(cuts) >= INDEX_RANGES:  # the widest gaps split; the rest are read through
+                cuts = np.sort(cuts[np.argsort(gaps[cuts])[-(INDEX_RANGES - 1):]])
+            firsts, lasts = rowids[np.concatenate([[0], cuts + 1])], rowids[np.concatenate([cuts, [-1]])]
+            where += [f"rowid BETWEEN {a} AND {b}" for a, b in zip(firsts.tolist(), lasts.tolist(), strict=True)]
+        return " OR ".join(where)
+
+
 class Cache:
     def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
         self.path = Path(path)
@@ -202,6 +268,8 @@ class Cache:
         self._row_slices: dict[str, list[pa.Table]] = {}
         self._buffered = 0  # rows and calls in the buffers, raw or converted
         self._call_index: dict[str, tuple[str, int, int]] = {}
+        self._keys: _KeyIndex | None = None  # committed calls' keys in memory (see _ledger_rows)
+        self._scans = 0  # look-ups that scanned `calls` while it had no key index
         self._rows: dict[str, list[dict[str, Any]]] = {}
         self._created: set[str] = set()
         self._types: dict[str, dict[str, pa.DataType]] = {}  # pinned Arrow types per table (vectors)
@@ -544,10 +612,7 @@ class Cache:
         if len(found) == len(keys):
             return found
         wanted = {k for k in keys if k not in found}
-        rows = self.con.execute(
-            "SELECT key, text, coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0) FROM calls "
-            "WHERE k = ANY($1::BIGINT[])", [[key_prefix(k) for k in wanted]]).fetchall()
-        found.update((key, (text, p, c)) for key, text, p, c in rows if key in wanted)
+        found.update((key, (text, p, c)) for key, text, p, c in self._ledger_rows(wanted) if key in wanted)
         return found
 
     async def lookup_async(self, keys: list[str]) -> dict[str, tuple[str, int, int]]:
@@ -890,6 +955,37 @@ class Cache:
     def link(self, view: str, run: int, stage: str) -> None:
         """`view` becomes a view onto run `run`'s table of `stage` (a reused build: no copy)."""
         self.execute(f"CREATE VIEW {view} AS SELECT * FROM run_{run}.{quote(stage)}")
+
+    def _ledger_rows(self, wanted: set[str]) -> list[tuple[str, str, int, int]]:
+        """(key, text, prompt_tokens, completion_tokens) of the committed calls whose key prefix is one of
+        `wanted`'s (equal prefixes are told apart by the caller). DuckDB filters the BIGINT `k` inside its
+        scan; the key index (see _KeyIndex) limits the scan to the rowids that can match. Without the
+        index the scan reads all of `calls` (8 ms at 10k calls, 60-110 ms at 10M)."""
+        prefixes = [key_prefix(k) for k in wanted]
+        where = "true"
+        try:
+            if self._keys is None and (self._scans >= INDEX_AFTER_SCANS or self.con.execute(
+                    "SELECT count(*) FROM calls").fetchall()[0][0] <= INDEX_SMALL):
+                self._keys = _KeyIndex()
+            if self._keys is not None:
+                if self._keys.covered == 0 or self.flushed_calls - self._keys.extended_at >= max(
+                        INDEX_TAIL, len(self._keys.values) // 8):  # the tail read on each look-up stays short
+                    self._keys.extended_at = self.flushed_calls
+                    self._keys.extend(self.con)
+                import numpy as np
+
+                where = self._keys.rows(np.array(prefixes, np.int64))
+        except Exception:  # the index is only a speed-up: without it every row is read, none hidden
+            self._keys, where = None, "true"
+        self._scans += self._keys is None
+        # The prefixes as an Arrow column: binding 4,096 Python ints as a list parameter costs ~10 ms.
+        self.con.register("_lookup_k", pa.table({"k": pa.array(prefixes, pa.int64())}))
+        try:
+            return self.con.execute(
+                "SELECT key, text, coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0) FROM calls "
+                f"WHERE ({where}) AND k IN (SELECT k FROM _lookup_k)").fetchall()
+        finally:
+            self.con.unregister("_lookup_k")
 
     # ---- reads for compare (retort/comparison.py and what it becomes) ----
 
