@@ -189,8 +189,8 @@ class _KeyIndex:
             self.bits = max(INDEX_MIN_BITS, (4 * top).bit_length())
         shift = self.bits - 3  # the key prefix has 60 bits; 63 - bits of them fit above the rowid
         new = np.asarray(con.execute(
-            f"SELECT ((coalesce(k, {KEY_PREFIX_SQL}) >> {shift}) << {self.bits}) | rowid AS v FROM calls "
-            "WHERE rowid >= $1 AND rowid < $2", [self.covered, top]).fetchnumpy()["v"], np.int64)
+            f"SELECT ((k >> {shift}) << {self.bits}) | rowid AS v FROM calls WHERE rowid >= $1 AND rowid < $2 "
+            "AND k IS NOT NULL", [self.covered, top]).fetchnumpy()["v"], np.int64)  # (look-ups never match a NULL k)
         new.sort()
         self.values = np.insert(self.values, np.searchsorted(self.values, new), new) if len(self.values) else new
         self.covered = top  # rows committed since the max was read are the next tail
