@@ -95,6 +95,7 @@ INDEX_SMALL = 1 << 20  # a ledger up to this many calls gets its key index at th
 INDEX_AFTER_SCANS = 3  # a bigger one after this many scanning look-ups: by then they cost about what a build does
 INDEX_MIN_BITS = 20  # bits of rowid in an index entry, at least (see _KeyIndex)
 INDEX_RANGES = 16  # rowid ranges one look-up reads at most (its hits are where earlier runs wrote them)
+FENCE = 64  # index entries per block of the look-up's first level (see _KeyIndex.rows)
 INDEX_TAIL = 65_536  # calls committed past the index before it takes them in (each look-up reads them meanwhile)
 
 
@@ -173,6 +174,7 @@ class _KeyIndex:
         import numpy as np
 
         self.values = np.empty(0, np.int64)
+        self.fence = self.values  # every FENCE-th value: the first level of a look-up
         self.bits = INDEX_MIN_BITS  # low bits: the rowid; the key prefix's top 63 - bits bits above them
         self.covered = 0  # rows below this rowid are all in `values`
         self.extended_at = 0  # Cache.flushed_calls when last extended
@@ -193,6 +195,7 @@ class _KeyIndex:
             "AND k IS NOT NULL", [self.covered, top]).fetchnumpy()["v"], np.int64)  # (look-ups never match a NULL k)
         new.sort()
         self.values = np.insert(self.values, np.searchsorted(self.values, new), new) if len(self.values) else new
+        self.fence = self.values[::FENCE].copy()
         self.covered = top  # rows committed since the max was read are the next tail
 
     def rows(self, prefixes: Any) -> str:
@@ -200,15 +203,25 @@ class _KeyIndex:
         prefixes (an int64 array): the ranges of the indexed ones, and everything past `covered`."""
         import numpy as np
 
-        low = np.sort(prefixes >> (self.bits - 3)) << self.bits
-        start, stop = np.searchsorted(self.values, low), np.searchsorted(self.values, low + (1 << self.bits))
+        values, bits = self.values, self.bits
         where = [f"rowid >= {self.covered}"]
-        if (stop > start).any():
-            if (stop - start).max() == 1:  # the usual case: one row per prefix present
-                rowids = self.values[start[stop > start]] & ((1 << self.bits) - 1)
-            else:  # some prefixes are shared: every row that has them
-                rowids = np.concatenate([self.values[a:b] for a, b in zip(start, stop, strict=True) if b > a])
-                rowids &= (1 << self.bits) - 1
+        if not len(values):
+            return where[0]
+        wanted = np.sort(prefixes >> (bits - 3))  # (low + 2**bits could pass 2**63: compare these instead)
+        low = wanted << bits
+        # Two levels, so that a look-up touches a few cache lines per key, not one per step of a binary
+        # search over 80 MB: the fence (every FENCE-th value) finds the block, the block the position.
+        block = np.maximum(np.searchsorted(self.fence, low, "right") - 1, 0)
+        near = values[np.minimum(block[:, None] * FENCE + np.arange(FENCE), len(values) - 1)]
+        at = block * FENCE + (near < low[:, None]).sum(axis=1)
+        found = []
+        while len(at):  # each key's first row, then (rarely: a shared prefix) the next ones
+            inside = np.flatnonzero(at < len(values))
+            inside = inside[values[at[inside]] >> bits == wanted[inside]]
+            found.append(values[at[inside]] & ((1 << bits) - 1))
+            at, wanted = at[inside] + 1, wanted[inside]
+        rowids = np.concatenate(found) if found else at
+        if len(rowids):
             rowids.sort()
             gaps = np.diff(rowids)
             cuts = np.flatnonzero(gaps > 2048)  # rows closer than that share DuckDB's storage anyway

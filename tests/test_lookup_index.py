@@ -149,3 +149,26 @@ def test_a_rerun_pays_no_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     first = run()  # b's two samples of a row share a prompt: one call, then one hit
     assert paid == [900] and first == 300
     assert run() == 1200 and paid == [900, 0]
+
+
+def test_every_row_of_a_wanted_prefix_is_in_the_ranges_read() -> None:
+    """The index's two-level search against a brute-force one: rows of shared prefixes, block edges,
+    keys past the last value and before the first."""
+    import re
+
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    prefixes = rng.integers(0, 2**60, 5000)
+    prefixes[100:400] = prefixes[0]  # 301 rows share one prefix, across several blocks
+    prefixes[-1], prefixes[-2] = 0, 2**60 - 1
+    index = store._KeyIndex()
+    index.bits = 13
+    index.values = np.sort(((prefixes >> 10) << 13) | np.arange(5000))
+    index.fence, index.covered = index.values[::store.FENCE].copy(), 5000
+    wanted = np.concatenate([prefixes[[0, 2500, 4998, 4999]], rng.integers(0, 2**60, 500)])  # and 500 misses
+    ranges = [(int(a), int(b)) for a, b in re.findall(r"rowid BETWEEN (\d+) AND (\d+)", index.rows(wanted))]
+    assert ranges == [(0, 399), (2500, 2500), (4998, 4999)]  # 0 and 100-399 share a prefix
+    everything = np.concatenate([prefixes[::7], rng.integers(0, 2**60, 500)])
+    ranges = [(int(a), int(b)) for a, b in re.findall(r"rowid BETWEEN (\d+) AND (\d+)", index.rows(everything))]
+    assert all(any(a <= r <= b for a, b in ranges) for r in [*range(0, 5000, 7), *range(100, 400)])
