@@ -25,6 +25,9 @@ Invariants (DESIGN.md, "the store"):
   - Group commit: rows are buffered and written as Arrow batches at least once a second on a
     writer thread of their own (the event loop keeps sending requests while DuckDB commits);
     a process killed with SIGKILL loses at most the last second of calls.
+  - Look-ups read the ledger itself: the key index (`_KeyIndex`) is a process's in-memory map of the
+    committed calls' key prefixes to their rowids, built and extended from `calls`, never written;
+    every look-up also reads the rows committed since it last took them in, and without it, all rows.
   - Retention: stage tables of the last KEEP_RUNS runs, of the latest complete run of every
     namespace and of every pinned run are kept; calls are kept forever, so a pruned table is
     rebuilt by rerunning at no cost.
@@ -980,7 +983,7 @@ class Cache:
         """(key, text, prompt_tokens, completion_tokens) of the committed calls whose key prefix is one of
         `wanted`'s (equal prefixes are told apart by the caller). DuckDB filters the BIGINT `k` inside its
         scan; the key index (see _KeyIndex) limits the scan to the rowids that can match. Without the
-        index the scan reads all of `calls` (8 ms at 10k calls, 60-110 ms at 10M)."""
+        index the scan reads all of `calls` (4-8 ms at 10k calls, 60-130 ms at 10M; docs/benchmarks.md)."""
         prefixes = [key_prefix(k) for k in wanted]
         where = "true"
         try:
