@@ -6,9 +6,11 @@ Builds a workspace in a temp folder with a 4-stage chain on the scripted backend
 runs it once to fill the cache, then times reruns in the same process with stage
 reuse off (`--no-reuse`), so that every row is rendered, hashed, looked up and
 written again: the cost of replaying a pipeline whose calls are all cached (what a
-rerun after editing the first stage's parser costs, say). Goal: at least 20,000
-cached calls/s. Last, one rerun with reuse on, where nothing changed and every
-stage is reused whole, and one more, which finds that run up to date and makes none.
+rerun after editing the first stage's parser costs, say). Goal (issue 10): 100,000
+cached calls/s, wall clock, best of --repeat; the rate per second of the process's CPU
+time is printed too (steadier when the machine is shared). Last, one rerun with reuse
+on, where nothing changed and every stage is reused whole, and one more, which finds
+that run up to date and makes none.
 """
 
 from __future__ import annotations
@@ -84,16 +86,17 @@ def _main() -> None:
         spec = make_workspace(root, args.rows)
         cold, _, totals = run_once(root, spec, reuse=True)  # builds every stage, and remembers them
         print(f"cold run (scripted backend, {totals['calls_made']} calls): {cold:.2f}s")
-        best = 0.0
+        best = best_cpu = 0.0
         for _ in range(args.repeat):
             warm, cpu, totals = run_once(root, spec)
             assert totals["calls_made"] == 0, totals
             rate = totals["cache_hits"] / warm
-            best = max(best, rate)
+            best, best_cpu = max(best, rate), max(best_cpu, totals["cache_hits"] / cpu)
             print(f"replay: {totals['cache_hits']} cached calls in {warm:.2f}s wall ({cpu:.2f}s CPU) = "
                   f"{rate:,.0f} cached calls/s")
-        verdict = "PASS" if best >= 20_000 else "FAIL"
-        print(f"best of {args.repeat}: {best:,.0f} cached calls/s (goal 20,000) -> {verdict}")
+        verdict = "PASS" if best >= 100_000 else "FAIL"
+        print(f"best of {args.repeat}: {best:,.0f} cached calls/s (goal 100,000) -> {verdict}; "
+              f"per CPU second: {best_cpu:,.0f}")
         warm, _, totals = run_once(root, spec, reuse=True)  # the latest run is a --no-reuse one: a new run
         print(f"rerun with every stage reused: {warm * 1000:.1f} ms for {totals['cache_hits']} cached calls "
               f"({totals['cache_hits'] / warm:,.0f}/s)")

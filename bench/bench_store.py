@@ -5,8 +5,12 @@ a run commits.
     python bench/bench_store.py --sizes 10000 1000000 --lag-rows 20000
 
 Look-ups: a DuckDB file with N calls (made by SQL, like a real cache's rows), then the time of
-`Cache.lookup` for one prompt stage's chunk (4,096 keys), all hits (a replay) and all misses (a
-first run), best of 5 after a warm-up. The goal is flat, not linear, in N.
+`Cache.lookup` for one prompt stage's chunk (4,096 keys), best and median of --rounds after a warm-up,
+for three chunks: hits written together (a replay: an earlier run wrote them one after another), hits
+scattered over the whole ledger (each written by a different run: the worst case), and misses (a first
+run); with the key index (retort.cache._KeyIndex) and without it (the scan of every row that retort
+did before). Also the first look-up, which builds the index, and the index's memory. The goal is
+flat, not linear, in N.
 
 Lag: a scripted pipeline of one prompt stage over N rows (an instant model, so the run is all
 engine and store), with a task that sleeps 10 ms in a loop and records how late it wakes: the
@@ -21,6 +25,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -28,6 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pyarrow as pa
 
 from retort.cache import KEY_PREFIX_SQL, Cache
 
@@ -53,31 +60,79 @@ def make_cache(path: Path, n: int) -> None:
     con.close()
 
 
-def lookups(n: int, workdir: Path) -> dict[str, float]:
+def _time(cache: Cache, keys: list[str], expect: int) -> float:
+    t = time.perf_counter()
+    found = cache.lookup(keys)
+    elapsed = (time.perf_counter() - t) * 1000
+    assert len(found) == expect, (len(found), expect)
+    return elapsed
+
+
+def lookups(n: int, workdir: Path, rounds: int = 5) -> dict[str, float]:
+    """Per-chunk look-up times (best and median of `rounds`, after warm-up), with the key index and
+    without it (the scan of every row that retort did before), for three kinds of chunk:
+    hits written together (a replay: an earlier run wrote them one after another), hits scattered over
+    the whole ledger (each written by a different run: the worst case), and misses (a first run)."""
+    import random
+
+    import retort.cache as store
+
     path = workdir / f"lookup_{n}.duckdb"
     began = time.monotonic()
     make_cache(path, n)
     made = time.monotonic() - began
+    size = min(CHUNK, n)
+    rng = random.Random(n)
+
+    def chunk(kind: str, round_: int) -> tuple[list[str], int]:
+        if kind == "hit":
+            first = rng.randrange(max(1, n - size))
+            return [hashlib.sha256(str(i).encode()).hexdigest() for i in range(first, first + size)], size
+        if kind == "scattered":
+            return [hashlib.sha256(str(i).encode()).hexdigest() for i in rng.sample(range(n), size)], size
+        return [hashlib.sha256(f"miss {round_} {i} {rng.random()}".encode()).hexdigest() for i in range(CHUNK)], 0
+
+    out: dict[str, float] = {"calls": n, "build_s": round(made, 1)}
+    saved = store.INDEX_SMALL, store.INDEX_AFTER_SCANS
     cache = Cache(path)
     try:
-        times: dict[str, list[float]] = {"hit": [], "miss": []}
-        for round_ in range(6):
-            first = (round_ * 7919) % max(1, n - CHUNK)
-            hits = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(first, first + min(CHUNK, n))]
-            misses = [hashlib.sha256(f"miss {round_} {i}".encode()).hexdigest() for i in range(CHUNK)]
-            for kind, keys in (("hit", hits), ("miss", misses)):
-                t = time.perf_counter()
-                found = cache.lookup(keys)
-                elapsed = time.perf_counter() - t
-                assert len(found) == (len(keys) if kind == "hit" else 0)
-                if round_:  # the first round warms DuckDB's buffers
-                    times[kind].append(elapsed * 1000)
+        store.INDEX_SMALL = 1 << 62  # the first look-up builds the index, whatever N
+        # DuckDB imports pandas (where installed) at its first Arrow input, ~1 s: a run has paid it writing its
+        # input table before any look-up; here it is paid before the clock starts.
+        cache.con.register("_warm", pa.table({"k": pa.array([0], pa.int64())}))
+        cache.con.unregister("_warm")
+        rss = _rss_mb()
+        out["index_first_lookup_ms"] = round(_time(cache, *chunk("miss", -1)), 1)
+        index = cache._keys
+        assert index is not None
+        out["index_mb"] = round((index.values.nbytes + index.fence.nbytes) / 2**20, 1)
+        out["index_rss_mb"] = round(_rss_mb() - rss, 1)
+        store.INDEX_SMALL, store.INDEX_AFTER_SCANS = -1, 1 << 62  # with cache._keys None: the scan, always
+        times: dict[str, list[float]] = {f"{mode}_{kind}": [] for mode in ("index", "scan")
+                                          for kind in ("hit", "scattered", "miss")}
+        for round_ in range(rounds + 1):  # the two modes interleaved, on the same chunks, in the same state
+            for kind in ("hit", "scattered", "miss"):
+                keys, expect = chunk(kind, round_)
+                for mode in ("index", "scan"):
+                    cache._keys = index if mode == "index" else None
+                    elapsed = _time(cache, keys, expect)
+                    if round_:  # the first round warms DuckDB's buffers
+                        times[f"{mode}_{kind}"].append(elapsed)
+        cache._keys = index
+        for name, values in times.items():
+            out[f"{name}_ms"] = round(min(values), 1)
+            out[f"{name}_median_ms"] = round(statistics.median(values), 1)
     finally:
+        store.INDEX_SMALL, store.INDEX_AFTER_SCANS = saved
         cache.close()
         path.unlink()
-    return {"calls": n, "build_s": round(made, 1), "hit_ms": round(min(times["hit"]), 1),
-            "hit_median_ms": round(statistics.median(times["hit"]), 1), "miss_ms": round(min(times["miss"]), 1),
-            "miss_median_ms": round(statistics.median(times["miss"]), 1)}
+    return out
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux), in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def lag(rows: int, workdir: Path) -> dict[str, float]:
@@ -152,11 +207,12 @@ def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000, 10_000_000])
     parser.add_argument("--lag-rows", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=5, help="timed look-ups of each kind (after one warm-up)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for n in args.sizes:
-            print("lookup", json.dumps(lookups(n, work)), flush=True)
+            print("lookup", json.dumps(lookups(n, work, args.rounds)), flush=True)
         if args.lag_rows:
             print("lag", json.dumps(lag(args.lag_rows, work)), flush=True)
 

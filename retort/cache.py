@@ -25,6 +25,9 @@ Invariants (DESIGN.md, "the store"):
   - Group commit: rows are buffered and written as Arrow batches at least once a second on a
     writer thread of their own (the event loop keeps sending requests while DuckDB commits);
     a process killed with SIGKILL loses at most the last second of calls.
+  - Look-ups read the ledger itself: the key index (`_KeyIndex`) is a process's in-memory map of the
+    committed calls' key prefixes to their rowids, built and extended from `calls`, never written;
+    every look-up also reads the rows committed since it last took them in, and without it, all rows.
   - Retention: stage tables of the last KEEP_RUNS runs, of the latest complete run of every
     namespace and of every pinned run are kept; calls are kept forever, so a pruned table is
     rebuilt by rerunning at no cost.
@@ -91,6 +94,12 @@ MIGRATIONS = {
 
 
 KEY_PREFIX_SQL = "('0x' || left(key, 15))::BIGINT"
+INDEX_SMALL = 1 << 20  # a ledger up to this many calls gets its key index at the first look-up (tens of ms)
+INDEX_AFTER_SCANS = 3  # a bigger one after this many scanning look-ups: by then they cost about what a build does
+INDEX_MIN_BITS = 20  # bits of rowid in an index entry, at least (see _KeyIndex)
+INDEX_RANGES = 16  # rowid ranges one look-up reads at most (its hits are where earlier runs wrote them)
+FENCE = 64  # index entries per block of the look-up's first level (see _KeyIndex.rows)
+INDEX_TAIL = 65_536  # calls committed past the index before it takes them in (each look-up reads them meanwhile)
 
 
 def key_prefix(key: str) -> int:
@@ -153,6 +162,86 @@ class _Batch:
         return any(t is not None for t in (self.calls, self.vectors, self.failures)) or bool(self.rows)
 
 
+class _KeyIndex:
+    """Which rows of `calls` may hold a key, without scanning `calls`: one sorted int64 per committed call,
+    its key prefix's leading bits above its rowid (8 bytes a call: 80 MB at 10 million). A chunk's misses
+    are told by a binary search, and its hits are read from the few rowid ranges where earlier runs wrote
+    them, so a look-up costs the same with 10 thousand or 10 million calls cached (docs/benchmarks.md).
+
+    It is built from the ledger and extended from it, in memory only: nothing is written, so there is no
+    side structure to lose, repair or keep in step. Rows committed since (rowid `covered` and up) are not
+    in it: every look-up also reads them from `calls`, so a call committed by anyone is never missed.
+    `calls` is append-only (calls are never deleted), which is what keeps a row at its rowid."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.values = np.empty(0, np.int64)
+        self.fence = self.values  # every FENCE-th value: the first level of a look-up
+        self.bits = INDEX_MIN_BITS  # low bits: the rowid; the key prefix's top 63 - bits bits above them
+        self.covered = 0  # rows below this rowid are all in `values`
+        self.extended_at = 0  # Cache.flushed_calls when last extended
+
+    def extend(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Add the rows committed since; rebuild with wider rowids when the ledger outgrows them."""
+        import numpy as np
+
+        top = con.execute("SELECT max(rowid) + 1 FROM calls WHERE rowid >= $1", [self.covered]).fetchall()[0][0]
+        if top is None:
+            return
+        if top >= 1 << self.bits or not self.covered:  # start (again) with room for 4 times as many calls
+            self.values, self.covered = np.empty(0, np.int64), 0
+            self.bits = max(INDEX_MIN_BITS, (4 * top).bit_length())
+        shift = self.bits - 3  # the key prefix has 60 bits; 63 - bits of them fit above the rowid
+        # Arrow's buffers read as they are: DuckDB's fetchnumpy and Arrow's to_numpy import pandas (~1 s) where
+        # it is installed. No NULL among them: a look-up never matches a NULL k.
+        chunks = con.sql(f"SELECT ((k >> {shift}) << {self.bits}) | rowid AS v FROM calls "
+                         f"WHERE rowid >= {self.covered} AND rowid < {int(top)} AND k IS NOT NULL"
+                         ).to_arrow_table().column(0).chunks
+        new = np.concatenate([np.empty(0, np.int64)] + [np.frombuffer(c.buffers()[1], np.int64, len(c), c.offset * 8)
+                                                         for c in chunks])
+        new.sort()
+        self.values = np.insert(self.values, np.searchsorted(self.values, new), new) if len(self.values) else new
+        self.fence = self.values[::FENCE].copy()
+        self.covered = top  # rows committed since the max was read are the next tail
+
+    def rows(self, prefixes: Any) -> str:
+        """A SQL condition on `rowid` that holds for every row of `calls` whose key has one of these
+        prefixes (an int64 array): the ranges of the indexed ones, and everything past `covered`."""
+        import numpy as np
+
+        values, bits = self.values, self.bits
+        where = [f"rowid >= {self.covered}"]
+        if not len(values):
+            return where[0]
+        wanted = np.sort(prefixes >> (bits - 3))  # (low + 2**bits could pass 2**63: compare these instead)
+        low = wanted << bits
+        # Two levels, so that a look-up touches a few cache lines per key, not one per step of a binary
+        # search over 80 MB: the fence (every FENCE-th value) finds the block, the block the position.
+        at = np.maximum(np.searchsorted(self.fence, low, "right") - 1, 0) * FENCE
+        end = np.minimum(at + FENCE, len(values))
+        for _ in range(FENCE.bit_length()):  # a binary search in each block, all keys at once
+            mid = (at + end) >> 1
+            right = (at < end) & (values[np.minimum(mid, len(values) - 1)] < low)
+            at, end = np.where(right, mid + 1, at), np.where(right, end, np.minimum(mid, end))
+        found = []
+        while len(at):  # each key's first row, then (rarely: a shared prefix) the next ones
+            inside = np.flatnonzero(at < len(values))
+            inside = inside[values[at[inside]] >> bits == wanted[inside]]
+            found.append(values[at[inside]] & ((1 << bits) - 1))
+            at, wanted = at[inside] + 1, wanted[inside]
+        rowids = np.concatenate(found) if found else at
+        if len(rowids):
+            rowids.sort()
+            gaps = np.diff(rowids)
+            cuts = np.flatnonzero(gaps > 2048)  # rows closer than that share DuckDB's storage anyway
+            if len(cuts) >= INDEX_RANGES:  # the widest gaps split; the rest are read through
+                cuts = np.sort(cuts[np.argsort(gaps[cuts])[-(INDEX_RANGES - 1):]])
+            firsts, lasts = rowids[np.concatenate([[0], cuts + 1])], rowids[np.concatenate([cuts, [-1]])]
+            where += [f"rowid BETWEEN {a} AND {b}" for a, b in zip(firsts.tolist(), lasts.tolist(), strict=True)]
+        return " OR ".join(where)
+
+
 class Cache:
     def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
         self.path = Path(path)
@@ -202,6 +291,8 @@ class Cache:
         self._row_slices: dict[str, list[pa.Table]] = {}
         self._buffered = 0  # rows and calls in the buffers, raw or converted
         self._call_index: dict[str, tuple[str, int, int]] = {}
+        self._keys: _KeyIndex | None = None  # committed calls' keys in memory (see _ledger_rows)
+        self._scans = 0  # look-ups that scanned `calls` while it had no key index
         self._rows: dict[str, list[dict[str, Any]]] = {}
         self._created: set[str] = set()
         self._types: dict[str, dict[str, pa.DataType]] = {}  # pinned Arrow types per table (vectors)
@@ -544,10 +635,7 @@ class Cache:
         if len(found) == len(keys):
             return found
         wanted = {k for k in keys if k not in found}
-        rows = self.con.execute(
-            "SELECT key, text, coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0) FROM calls "
-            "WHERE k = ANY($1::BIGINT[])", [[key_prefix(k) for k in wanted]]).fetchall()
-        found.update((key, (text, p, c)) for key, text, p, c in rows if key in wanted)
+        found.update((key, (text, p, c)) for key, text, p, c in self._ledger_rows(wanted) if key in wanted)
         return found
 
     async def lookup_async(self, keys: list[str]) -> dict[str, tuple[str, int, int]]:
@@ -890,6 +978,37 @@ class Cache:
     def link(self, view: str, run: int, stage: str) -> None:
         """`view` becomes a view onto run `run`'s table of `stage` (a reused build: no copy)."""
         self.execute(f"CREATE VIEW {view} AS SELECT * FROM run_{run}.{quote(stage)}")
+
+    def _ledger_rows(self, wanted: set[str]) -> list[tuple[str, str, int, int]]:
+        """(key, text, prompt_tokens, completion_tokens) of the committed calls whose key prefix is one of
+        `wanted`'s (equal prefixes are told apart by the caller). DuckDB filters the BIGINT `k` inside its
+        scan; the key index (see _KeyIndex) limits the scan to the rowids that can match. Without the
+        index the scan reads all of `calls` (4-8 ms at 10k calls, 60-130 ms at 10M; docs/benchmarks.md)."""
+        prefixes = [key_prefix(k) for k in wanted]
+        where = "true"
+        try:
+            if self._keys is None and (self._scans >= INDEX_AFTER_SCANS or self.con.execute(
+                    "SELECT count(*) FROM calls").fetchall()[0][0] <= INDEX_SMALL):
+                self._keys = _KeyIndex()
+            if self._keys is not None:
+                if self._keys.covered == 0 or self.flushed_calls - self._keys.extended_at >= max(
+                        INDEX_TAIL, len(self._keys.values) // 8):  # the tail read on each look-up stays short
+                    self._keys.extended_at = self.flushed_calls
+                    self._keys.extend(self.con)
+                import numpy as np
+
+                where = self._keys.rows(np.array(prefixes, np.int64))
+        except Exception:  # the index is only a speed-up: without it every row is read, none hidden
+            self._keys, where = None, "true"
+        self._scans += self._keys is None
+        # The prefixes as an Arrow column: binding 4,096 Python ints as a list parameter costs ~10 ms.
+        self.con.register("_lookup_k", pa.table({"k": pa.array(prefixes, pa.int64())}))
+        try:
+            return self.con.execute(
+                "SELECT key, text, coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0) FROM calls "
+                f"WHERE ({where}) AND k IN (SELECT k FROM _lookup_k)").fetchall()
+        finally:
+            self.con.unregister("_lookup_k")
 
     # ---- reads for compare (retort/comparison.py and what it becomes) ----
 

@@ -10,7 +10,8 @@ dataset fits a pipeline without editing it:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +108,12 @@ def table_from_rows(rows: Sequence[Mapping[str, Any]], *, lenient: bool = False,
         if row.keys() != first:
             names.update(dict.fromkeys(row))
     types = types or {}
-    if not lenient:
-        return pa.Table.from_arrays([pa.array([row.get(name) for row in rows], type=types.get(name))
-                                     for name in names], names=list(names))
-    return pa.Table.from_arrays([column([row.get(name) for row in rows], types.get(name)) for name in names],
+    if len(names) == len(first) > 1:  # every row has the same keys (stage rows do): columns in one C-level pass
+        values: Iterable[Sequence[Any]] = zip(*map(operator.itemgetter(*names), rows), strict=True)
+    else:
+        values = ([row.get(name) for row in rows] for name in names)
+    convert = column if lenient else pa.array
+    return pa.Table.from_arrays([convert(list(v), types.get(name)) for name, v in zip(names, values, strict=True)],
                                 names=list(names))
 
 

@@ -29,6 +29,7 @@ from retort.spec import PromptStage
 from retort.templates import Template
 
 CHUNK_ROWS = 4096
+_sha256 = hashlib.sha256
 
 
 class PromptExecutor:
@@ -122,7 +123,8 @@ class _Job:
     def __init__(self, row: dict[str, Any], row_id: str, messages: list[dict[str, str]], base: bytes,
                  model: str, samples: int) -> None:
         self.row, self.row_id, self.messages, self.base, self.model = row, row_id, messages, base, model
-        self.keys = [call_key(base, i) for i in range(samples)]  # first attempts; a re-ask hashes its own
+        # First attempts (call_key(base, i), inlined: this runs for every row); a re-ask hashes its own.
+        self.keys = [_sha256(base + b"#%d" % i).hexdigest() for i in range(samples)]
         # per sample: (call key, raw text, error or None, parsed columns)
         self.results: list[tuple[str, str, str | None, dict[str, Any]] | None] = [None] * samples
         self.open = samples
@@ -368,21 +370,25 @@ class PromptExecution:
 
     def emit(self, job: _Job) -> None:
         rows = []
-        base = {c: job.row[c] for c in self.carry}
+        source, row_id = job.row, job.row_id
+        base = {c: source[c] for c in self.carry}
         for i, result in enumerate(job.results):
             assert result is not None
             key, text, error, parsed = result
-            if error and error.startswith("call failed"):
+            if error is None:  # the usual case, first
+                rows.append({**base, "_id": f"{row_id}.{i}", "_parent": row_id, "_sample": i, "_call": key,
+                             "_raw": text, "_error": None, **parsed})
+                continue
+            if error.startswith("call failed"):
                 continue  # recorded in `failures`; a rerun calls it again
-            row = {**base, "_id": f"{job.row_id}.{i}", "_parent": job.row_id, "_sample": i, "_call": key,
+            row = {**base, "_id": f"{row_id}.{i}", "_parent": row_id, "_sample": i, "_call": key,
                    "_raw": text, "_error": error, **parsed}
-            if error:
-                if error == NOT_CACHED:  # a plan's placeholder passes downstream as an answered row would
-                    row["_error"] = None
-                else:
-                    self.stats.parse_errors += not self.ctx.dry
-                for c in self.parser.columns:
-                    row.setdefault(c, None)
+            if error == NOT_CACHED:  # a plan's placeholder passes downstream as an answered row would
+                row["_error"] = None
+            else:
+                self.stats.parse_errors += not self.ctx.dry
+            for c in self.parser.columns:
+                row.setdefault(c, None)
             rows.append(row)
         self.stats.rows_out += len(rows)
         if self.sink is not None:
