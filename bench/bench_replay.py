@@ -68,9 +68,9 @@ def run_once(root: Path, spec_path: Path, reuse: bool = False) -> tuple[float, f
 
 
 def main() -> None:
-    """Under the collector settings `retort run` uses for its own process (retort.cli.collector_for_runs);
+    """Under the collector settings `retort run` uses for its own process (retort.cliutil.collector_for_runs);
     the library itself changes nothing process-wide."""
-    from retort.cli import collector_for_runs
+    from retort.cliutil import collector_for_runs
 
     with collector_for_runs():
         _main()

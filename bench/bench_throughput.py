@@ -359,9 +359,9 @@ def print_best(best: Best, repeat: int) -> None:
 
 
 def main() -> None:
-    """Under the collector settings `retort run` uses for its own process (retort.cli.collector_for_runs);
+    """Under the collector settings `retort run` uses for its own process (retort.cliutil.collector_for_runs);
     the library itself changes nothing process-wide."""
-    from retort.cli import collector_for_runs
+    from retort.cliutil import collector_for_runs
 
     with collector_for_runs():
         _main()
