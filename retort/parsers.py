@@ -1,6 +1,7 @@
 """Output parsers: turn a completion's text into the columns of a prompt stage's row.
 
-A stage's `parse:` field takes short forms, resolved by `build_parser`:
+A stage's `parse:` field takes short forms, checked into a `spec.ParseRule` when the pipeline loads
+(the models and their errors live in spec.py) and compiled here by `build_parser`:
 
     parse: text                                    # default: <output> = the stripped text
     parse: {regex: "Label: (?P<label>\\w+)"}      # named groups -> columns
@@ -18,7 +19,8 @@ A stage's `parse:` field takes short forms, resolved by `build_parser`:
 Sibling keys are options of the kind: `{choice: [a, b], default: c}` is
 `{choice: {options: [a, b], default: c}}`.
 
-A malformed rule is a SpecError when the pipeline loads. A completion that does
+A malformed rule is a SpecError with its line when the pipeline loads (a rule given from
+Python is checked by `rule_of`, with the same words). A completion that does
 not parse raises ParseError, which the runner records on the row. Parsers run on
 every row (hundreds of thousands), so everything that can be compiled is
 compiled once, in `build_parser`.
