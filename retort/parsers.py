@@ -97,12 +97,12 @@ def rule_of(spec: ParseRule | str | dict[str, Any] | None, where: str = "") -> P
     (`ctx.prompt(parse=...)`, a test) is checked here, with the same words as in a pipeline file."""
     if isinstance(spec, ParseRule):
         return spec
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import ValidationError
 
-    from retort.spec import ParseSpec, rule_error
+    from retort.spec import as_rule, rule_error
 
     try:
-        return TypeAdapter(ParseSpec).validate_python(spec)  # type: ignore[no-any-return]
+        return as_rule(spec)
     except ValidationError as exc:
         raise _spec_error(where, rule_error(exc, spec)) from None
 

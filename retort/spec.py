@@ -8,6 +8,7 @@ an override is validated exactly like the file.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -468,6 +470,22 @@ _ParseUnion = Annotated[
 ]
 ParseSpec = Annotated[_ParseUnion, BeforeValidator(
     _named_kind, json_schema_input_type=Union[Literal["text", "json", "answer"], _ParseUnion])]  # noqa: UP007
+
+
+@functools.cache
+def _adapter(kind: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(kind)
+
+
+def as_model(value: dict[str, Any]) -> ModelSpec:
+    """Model settings given as a mapping (a pipeline entry merged with a `--model` target) as the typed
+    model of their backend; raises pydantic's ValidationError (`model_error` words it)."""
+    return _adapter(AnyModel).validate_python(value)  # type: ignore[no-any-return]
+
+
+def as_rule(value: Any) -> ParseRule:
+    """A `parse:` value given from Python as its typed rule; raises ValidationError (`rule_error` words it)."""
+    return _adapter(ParseSpec).validate_python(value)  # type: ignore[no-any-return]
 
 
 class InputSpec(_Strict):

@@ -3,6 +3,7 @@ one-line located errors of `retort validate`, and every way of naming a model th
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,10 @@ import pytest
 
 import retort
 from retort import backends
+from retort.backends.base import RUNNER_KEYS
 from retort.errors import SpecError
 from retort.spec import (
+    MODEL_KINDS,
     AnswerRule,
     ChoiceRule,
     FunctionRule,
@@ -189,3 +192,11 @@ def test_a_target_from_python_is_checked_like_a_pipelines_entry(workspace: Path)
                                                                  "chunk_size": 8}})
     result = retort.run("p", workspace=workspace, models={"default": "scripted:retort.backends.scripted:echo"})
     assert len(result.table("ask")) == 1  # the short form still works from Python
+
+
+@pytest.mark.parametrize("kind", ["local", "openai", "vllm", "langchain"])
+def test_each_backend_reads_exactly_the_settings_its_model_declares(kind: str) -> None:
+    """A backend's from_config still checks its keys (for callers that skip the spec); the two lists agree."""
+    module = importlib.import_module(f"retort.backends.{kind}")
+    declared = set(MODEL_KINDS[kind].model_fields) - RUNNER_KEYS
+    assert set(module._CONFIG_KEYS) - {"workspace"} == declared

@@ -52,13 +52,13 @@ def create(name: str, config: dict[str, Any], workspace: Any = None) -> Backend:
 def settings(name: str, config: dict[str, Any]) -> ModelSpec:
     """A model's settings as its backend's typed model (spec.LocalModel, OpenAIModel, ...); a key the
     backend does not take is a SpecError naming it. Keys set to None count as absent."""
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import ValidationError
 
-    from retort.spec import AnyModel, model_error
+    from retort.spec import as_model, model_error
 
     given = {key: value for key, value in config.items() if value is not None and key not in ("name", "workspace")}
     try:
-        return TypeAdapter(AnyModel).validate_python(given)  # type: ignore[no-any-return]
+        return as_model(given)
     except ValidationError as exc:
         raise model_error(exc, name, given) from None
 
