@@ -893,4 +893,25 @@ def json_schema() -> dict[str, Any]:
     schema = Pipeline.model_json_schema(by_alias=True)
     schema["title"] = "retort pipeline"
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    _params_allowed(schema)
     return schema
+
+
+# A stage value that is exactly `{{ params.x }}` is replaced by the param before validation (with_params).
+_PARAM_SCHEMA = {"type": "string", "pattern": _PARAM_REF.pattern.replace("^", r"^\s*").replace("$", r"\s*$"),
+                 "description": "a param of the pipeline, `{{ params.NAME }}`, taking its value"}
+_META = ("title", "description", "default")
+
+
+def _params_allowed(schema: dict[str, Any]) -> None:
+    """Let the schema take `{{ params.x }}` wherever with_params puts a param's value (a stage's values, but
+    not its name or its template, SQL or prompt), so an editor does not flag `{choice: "{{ params.labels }}"}`."""
+    stages = {"PromptStage", "EmbedStage", "PythonStage", "SamplingParams", "ModelColumn"}
+    for name, definition in schema["$defs"].items():
+        if name not in stages and not name.endswith(("Rule", "Options")):
+            continue
+        for key, prop in definition.get("properties", {}).items():
+            if key in ("name", "template", "sql", "prompt", "python", "embed", "description") or "$ref" in prop:
+                continue  # a $ref (a nested model) gets the same treatment in its own definition
+            meta = {k: prop.pop(k) for k in _META if k in prop}
+            definition["properties"][key] = {"anyOf": [prop, _PARAM_SCHEMA], **meta}

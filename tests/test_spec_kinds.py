@@ -49,6 +49,13 @@ def _ref(schema: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     return schema["$defs"][ref["$ref"].rsplit("/", 1)[1]]  # type: ignore[no-any-return]
 
 
+def _own(prop: dict[str, Any]) -> list[dict[str, Any]]:
+    """A property's own alternatives, without the `{{ params.x }}` string every stage value also takes."""
+    alternatives = prop["anyOf"]
+    assert "params" in alternatives[-1]["pattern"]
+    return alternatives[0]["anyOf"] if "anyOf" in alternatives[0] else alternatives[:1]  # type: ignore[no-any-return]
+
+
 def test_the_schema_from_the_cli_has_one_branch_per_backend_with_its_own_fields(workspace: Path) -> None:
     done = run_cli("schema", cwd=workspace)
     assert done.returncode == 0, done.stderr
@@ -66,17 +73,17 @@ def test_the_schema_from_the_cli_has_one_branch_per_backend_with_its_own_fields(
 
 def test_the_schema_offers_each_parse_kind_with_its_short_forms() -> None:
     schema = json_schema()
-    parse = schema["$defs"]["PromptStage"]["properties"]["parse"]["anyOf"]
+    parse = _own(schema["$defs"]["PromptStage"]["properties"]["parse"])
     assert parse[0]["enum"] == ["text", "json", "answer"]  # the bare words
     rules = {next(iter(_ref(schema, r)["required"])): _ref(schema, r) for r in parse[1]["oneOf"]}
     assert set(rules) == {"text", "regex", "json", "choice", "answer", "function"}
-    regex = rules["regex"]["properties"]["regex"]["anyOf"]
+    regex = _own(rules["regex"]["properties"]["regex"])
     assert regex[0] == {"type": "string"} and set(_ref(schema, regex[1])["properties"]) == {"pattern", "flags"}
     assert set(rules["choice"]["properties"]) == {"choice", "default"}  # {choice: [a, b], default: c}
-    choice = rules["choice"]["properties"]["choice"]["anyOf"]
+    choice = _own(rules["choice"]["properties"]["choice"])
     assert choice[0]["type"] == "array" and set(_ref(schema, choice[1])["properties"]) == {"options", "default"}
-    assert set(_ref(schema, rules["json"]["properties"]["json"]["anyOf"][0])["properties"]) == {"schema", "model"}
-    assert set(_ref(schema, rules["answer"]["properties"]["answer"]["anyOf"][0])["properties"]) == {
+    assert set(_ref(schema, _own(rules["json"]["properties"]["json"])[0])["properties"]) == {"schema", "model"}
+    assert set(_ref(schema, _own(rules["answer"]["properties"]["answer"])[0])["properties"]) == {
         "rules", "fallback_last_number"}
     assert set(rules["function"]["properties"]) == {"function", "columns"}
 
@@ -159,6 +166,22 @@ def test_every_built_in_pipeline_loads_with_typed_models_and_rules() -> None:
             if isinstance(rule, FunctionRule):
                 assert ":" in rule.function.name
     assert {ChoiceRule, AnswerRule, FunctionRule, JsonRule, TextRule} <= seen
+
+
+def test_every_built_in_pipeline_is_valid_for_an_editor_reading_the_schema() -> None:
+    """What `retort schema` promises an editor: the built-in pipelines as written (`{{ params.x }}` in stage
+    values included) raise no complaint, and a key of another backend does."""
+    import jsonschema
+    import yaml
+
+    validator = jsonschema.Draft202012Validator(json_schema())
+    for path in BUILT_IN:
+        data = yaml.safe_load(path.read_text())
+        assert [e.message for e in validator.iter_errors(data)] == [], path.stem
+    data["models"] = {"default": {"backend": "scripted", "replies": ["x"], "base_url": "http://127.0.0.1:9/v1"}}
+    assert not validator.is_valid(data)
+    data["models"] = {"default": {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"}}
+    assert validator.is_valid(data)
 
 
 def test_params_reach_a_parse_rule_and_are_checked_there() -> None:
