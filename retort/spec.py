@@ -153,6 +153,22 @@ AnyModel = Annotated[
 ]
 
 
+
+def _target(value: Any) -> Any:
+    """`teacher: openai:gpt-4o-mini`: a model entry may be written as a `--model` target."""
+    if not isinstance(value, str):
+        return value
+    from retort.backends import parse_target
+    from retort.errors import UserError
+
+    try:
+        return parse_target(value)
+    except UserError as err:
+        raise ValueError(str(err).removeprefix("--model target ")) from None
+
+
+ModelEntry = Annotated[AnyModel, BeforeValidator(_target, json_schema_input_type=Union[str, AnyModel])]  # noqa: UP007
+
 # ---------------------------------------------------------------- parse rules
 #
 # A prompt stage's `parse:` is one of six kinds, named by its one kind key (`{choice: [...]}`) or, for
@@ -583,7 +599,8 @@ class Pipeline(_Strict):
     description: str | None = None
     input: InputSpec
     params: dict[str, Any] = Field(default_factory=dict, description="values templates see as `params`")
-    models: dict[str, AnyModel] = Field(default_factory=dict)
+    models: dict[str, ModelEntry] = Field(default_factory=dict, description="settings, or a target as "
+                                          "--model takes it: local, URL[#model], openai:MODEL, vllm:MODEL, ...")
     stages: list[Stage] = Field(min_length=1)
     strict: bool = Field(False, description="a run whose summary warns (a stage with many parse errors, an "
                                             "empty table) exits non-zero, as `retort run --strict` does")

@@ -60,7 +60,9 @@ def test_the_schema_from_the_cli_has_one_branch_per_backend_with_its_own_fields(
     done = run_cli("schema", cwd=workspace)
     assert done.returncode == 0, done.stderr
     schema = json.loads(done.stdout)
-    branches = [_ref(schema, ref) for ref in schema["properties"]["models"]["additionalProperties"]["oneOf"]]
+    short, typed = schema["properties"]["models"]["additionalProperties"]["anyOf"]
+    assert short == {"type": "string"}  # teacher: openai:gpt-4o-mini
+    branches = [_ref(schema, ref) for ref in typed["oneOf"]]
     by_backend = {b["properties"]["backend"]["const"]: b for b in branches}
     assert set(by_backend) == set(OWN)
     for kind, branch in by_backend.items():
@@ -205,6 +207,29 @@ def test_every_model_target_short_form_is_its_backends_model(target: str, kind: 
                                                               fields: dict[str, Any]) -> None:
     model = backends.settings("default", {**backends.parse_target(target), "name": "default"})
     assert type(model) is kind and {k: getattr(model, k) for k in fields} == fields
+
+
+SHORT = """\
+input: {path: data/rows.jsonl}
+models:
+  default: scripted:retort.backends.scripted:echo
+  teacher: openai:gpt-4o-mini
+  judge: "http://127.0.0.1:8000/v1#qwen"
+stages:
+  - {name: ask, template: "Q {{ text }}", model: teacher}
+"""
+
+
+def test_a_model_entry_may_be_written_as_a_target(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(SHORT)
+    spec, _ = load_pipeline(path)
+    assert spec.models["default"] == ScriptedModel(backend="scripted", function="retort.backends.scripted:echo")
+    assert spec.models["teacher"] == OpenAIModel(backend="openai", model="gpt-4o-mini",
+                                                 base_url="https://api.openai.com/v1", api_key_env="OPENAI_API_KEY")
+    assert spec.models["judge"] == OpenAIModel(backend="openai", model="qwen", base_url="http://127.0.0.1:8000/v1")
+    with pytest.raises(SpecError, match=r"p.yaml:4 models.teacher: 'opneai:gpt-4o-mini': expected local, a URL"):
+        load_pipeline(path, ["models.teacher=opneai:gpt-4o-mini"])
 
 
 def test_a_target_from_python_is_checked_like_a_pipelines_entry(workspace: Path) -> None:
