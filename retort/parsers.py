@@ -1,6 +1,7 @@
 """Output parsers: turn a completion's text into the columns of a prompt stage's row.
 
-A stage's `parse:` field takes short forms, resolved by `build_parser`:
+A stage's `parse:` field takes short forms, checked into a `spec.ParseRule` when the pipeline loads
+(the models and their errors live in spec.py) and compiled here by `build_parser`:
 
     parse: text                                    # default: <output> = the stripped text
     parse: {regex: "Label: (?P<label>\\w+)"}      # named groups -> columns
@@ -18,7 +19,8 @@ A stage's `parse:` field takes short forms, resolved by `build_parser`:
 Sibling keys are options of the kind: `{choice: [a, b], default: c}` is
 `{choice: {options: [a, b], default: c}}`.
 
-A malformed rule is a SpecError when the pipeline loads. A completion that does
+A malformed rule is a SpecError with its line when the pipeline loads (a rule given from
+Python is checked by `rule_of`, with the same words). A completion that does
 not parse raises ParseError, which the runner records on the row. Parsers run on
 every row (hundreds of thousands), so everything that can be compiled is
 compiled once, in `build_parser`.
@@ -35,6 +37,16 @@ import orjson
 
 from retort.errors import NotFoundError, ParseError, SpecError, UserError
 from retort.mathnorm import extract_answer, lbt_extract, math_equal, normalize_answer
+from retort.spec import (
+    AnswerOptions,
+    ChoiceOptions,
+    FunctionOptions,
+    JsonOptions,
+    ParseRule,
+    RegexOptions,
+    TextOptions,
+    choice_key,
+)
 
 if TYPE_CHECKING:
     from retort.workspace import Workspace
@@ -73,71 +85,26 @@ class Parser:
         return f"Parser({self.identity})"
 
 
-# --- the spec: short forms to (kind, options) ---------------------------------
-
-# kind -> (the option a scalar/list value stands for, the options allowed)
-_KINDS: dict[str, tuple[str | None, frozenset[str]]] = {
-    "text": (None, frozenset()),
-    "regex": ("pattern", frozenset({"pattern", "flags"})),
-    "json": (None, frozenset({"schema", "model"})),
-    "choice": ("options", frozenset({"options", "default"})),
-    "answer": (None, frozenset({"fallback_last_number", "rules"})),
-    "function": ("name", frozenset({"name", "columns"})),
-}
-_EXAMPLES = {
-    "regex": '{regex: "Label: (?P<label>\\w+)"}',
-    "choice": "{choice: [positive, negative]}",
-    "function": '{function: "module:attr"}',
-}
+# --- the rule: a checked `spec.ParseRule` ---------------------------------------
 
 
 def _spec_error(where: str, message: str) -> SpecError:
     return SpecError(f"{where}: {message}" if where else message, field="parse")
 
 
-def _resolve(spec: str | dict[str, Any] | None, where: str) -> tuple[str, dict[str, Any]]:
-    kinds = ", ".join(_KINDS)
-    if spec is None:
-        return "text", {}
-    if isinstance(spec, str):
-        kind = spec.strip()
-        if kind not in _KINDS:
-            raise _spec_error(where, f"unknown parse kind {kind!r}; expected one of: {kinds}")
-        if kind in _EXAMPLES:
-            raise _spec_error(where, f"{kind!r} needs options, for example {_EXAMPLES[kind]}")
-        return kind, {}
-    if not isinstance(spec, dict):
-        raise _spec_error(where, f"expected a parse kind ({kinds}) or a mapping, "
-                                 f"got {type(spec).__name__}")
-    named = [key for key in spec if key in _KINDS]
-    if len(named) != 1:
-        found = ", ".join(map(str, spec)) or "nothing"
-        raise _spec_error(where, f"expected exactly one parse kind ({kinds}), found: {found}")
-    kind = named[0]
-    primary, allowed = _KINDS[kind]
-    value = spec[kind]
-    if isinstance(value, dict):
-        options = dict(value)
-    elif value is None:
-        options = {}
-    elif primary is not None:
-        options = {primary: value}
-    else:
-        raise _spec_error(where, f"{kind} takes a mapping of options "
-                                 f"({', '.join(sorted(allowed))}), got {value!r}")
-    for key, extra in spec.items():
-        if key == kind:
-            continue
-        if key in options:
-            raise _spec_error(where, f"{kind}: option {key!r} given twice")
-        options[key] = extra
-    unknown = sorted(map(str, set(options) - allowed))
-    if unknown:
-        expected = ", ".join(sorted(allowed)) or "none"
-        raise _spec_error(where, f"{kind}: unknown option {unknown[0]!r}; expected: {expected}")
-    if primary is not None and primary not in options:
-        raise _spec_error(where, f"{kind} needs {primary!r}, for example {_EXAMPLES[kind]}")
-    return kind, options
+def rule_of(spec: ParseRule | str | dict[str, Any] | None, where: str = "") -> ParseRule:
+    """The checked rule for a `parse:` value: a pipeline's stages hold one already; a value from Python
+    (`ctx.prompt(parse=...)`, a test) is checked here, with the same words as in a pipeline file."""
+    if isinstance(spec, ParseRule):
+        return spec
+    from pydantic import ValidationError
+
+    from retort.spec import as_rule, rule_error
+
+    try:
+        return as_rule(spec)
+    except ValidationError as exc:
+        raise _spec_error(where, rule_error(exc, spec)) from None
 
 
 def _identity(kind: str, payload: dict[str, Any]) -> str:
@@ -166,7 +133,7 @@ def _import(name: Any, where: str, what: str, workspace: Workspace | None) -> An
 
 # --- text and regex -------------------------------------------------------------
 
-def _build_text(options: dict[str, Any], output: str, where: str, workspace: Workspace | None) -> Parser:
+def _build_text(options: TextOptions, output: str, where: str, workspace: Workspace | None) -> Parser:
     def parse(text: str) -> dict[str, Any]:
         return {output: text.strip()}
 
@@ -180,19 +147,12 @@ def _short(s: str, limit: int = 60) -> str:
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
-def _build_regex(options: dict[str, Any], output: str, where: str, workspace: Workspace | None) -> Parser:
-    pattern, letters = options["pattern"], options.get("flags") or ""
-    if not isinstance(pattern, str) or not pattern:
-        raise _spec_error(where, f"regex: pattern must be a non-empty string, got {pattern!r}")
-    if not isinstance(letters, str) or any(c not in _FLAGS for c in letters):
-        raise _spec_error(where, f"regex: flags must be letters from 'imsx', got {letters!r}")
+def _build_regex(options: RegexOptions, output: str, where: str, workspace: Workspace | None) -> Parser:
+    pattern, letters = options.pattern, options.flags
     flags = 0
     for c in letters:
         flags |= _FLAGS[c]
-    try:
-        rx = re.compile(pattern, flags)
-    except re.error as err:
-        raise _spec_error(where, f"regex: invalid pattern {pattern!r}: {err}") from err
+    rx = re.compile(pattern, flags)  # the rule compiled when it was checked
     names = sorted(rx.groupindex, key=rx.groupindex.__getitem__)
     miss = f"regex {_short(pattern)!r} did not match"
 
@@ -296,20 +256,15 @@ def _as_text(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-def _build_json(options: dict[str, Any], output: str, where: str, workspace: Workspace | None) -> Parser:
-    if "schema" in options and "model" in options:
-        raise _spec_error(where, "json: give a schema or a model, not both")
-    if "model" in options:
-        return _build_json_model(options["model"], output, where, workspace)
-    schema = options.get("schema")
+def _build_json(options: JsonOptions, output: str, where: str, workspace: Workspace | None) -> Parser:
+    if options.model is not None:
+        return _build_json_model(options.model, output, where, workspace)
+    schema = options.schema_
     if schema is None:
         def parse_any(text: str) -> dict[str, Any]:
             return {output: _as_text(extract_json(text))}
         return Parser("json", parse_any, columns=[output],
                       identity=_identity("json", {"output": output}))
-    if not isinstance(schema, dict):
-        raise _spec_error(where, f"json: schema must be a mapping (a JSON Schema), "
-                                 f"got {type(schema).__name__}")
     import jsonschema  # imported here: only JSON parsers with a schema need it
 
     cls = jsonschema.validators.validator_for(schema)
@@ -379,7 +334,7 @@ def _build_json_model(name: Any, output: str, where: str, workspace: Workspace |
 
 # --- choice -----------------------------------------------------------------------
 
-_NON_WORD = re.compile(r"[\W_]+")
+_NON_WORD = re.compile(r"[\W_]+")  # the same as spec.choice_key's
 _CUES = (r"(?:final )?(?:answer|label|category|class|classification|prediction|sentiment"
          r"|rating|score|verdict)")
 
@@ -391,34 +346,9 @@ def _last(matches: Iterator[re.Match[str]]) -> re.Match[str] | None:
     return last
 
 
-def _choice_key(s: str) -> str:
-    return _NON_WORD.sub(" ", s).strip().casefold()
-
-
-def _build_choice(options: dict[str, Any], output: str, where: str, workspace: Workspace | None) -> Parser:
-    declared, default = options["options"], options.get("default")
-    if not isinstance(declared, list) or not declared:
-        raise _spec_error(where, f"choice: options must be a non-empty list, got {declared!r}")
-    choices: list[str] = []
-    by_key: dict[str, str] = {}
-    for option in declared:
-        if isinstance(option, bool):  # YAML 1.1 reads yes/no/on/off as booleans
-            raise _spec_error(where, f"choice: option {option!r} was read as a boolean; "
-                                     f"quote it, for example 'yes'")
-        if not isinstance(option, str | int | float):
-            raise _spec_error(where, f"choice: options must be strings, got {option!r}")
-        spelled = str(option).strip()
-        key = _choice_key(spelled)
-        if not key:
-            raise _spec_error(where, f"choice: option {spelled!r} has no letters or digits")
-        if key in by_key:
-            raise _spec_error(where, f"choice: options {by_key[key]!r} and {spelled!r} "
-                                     f"read the same once case and punctuation are ignored")
-        by_key[key] = spelled
-        choices.append(spelled)
-    if default is not None and not isinstance(default, str):
-        raise _spec_error(where, f"choice: default must be a string or null, got {default!r}")
-
+def _build_choice(options: ChoiceOptions, output: str, where: str, workspace: Workspace | None) -> Parser:
+    choices, default = list(options.options), options.default  # checked: distinct, each with a letter or digit
+    by_key = {choice_key(option): option for option in choices}
     # Longest first, so "sci tech" wins over "tech" where both would match.
     ordered = sorted(by_key, key=len, reverse=True)
     anywhere = "|".join(re.escape(k) for k in ordered)
@@ -459,23 +389,14 @@ def _build_choice(options: dict[str, Any], output: str, where: str, workspace: W
 
 # --- answer and function ------------------------------------------------------------
 
-def _build_answer(options: dict[str, Any], output: str, where: str, workspace: Workspace | None) -> Parser:
+def _build_answer(options: AnswerOptions, output: str, where: str, workspace: Workspace | None) -> Parser:
     """`rules: lenient` (default): `mathnorm.extract_answer`, the last boxed answer or marker, else (with
     `fallback_last_number`) the last number. `rules: lbt`: `mathnorm.lbt_extract`, the LbT reference's
     reading (the line after the first "[[Final Answer]]:" line, else the last line, normalised its way);
     it always finds an answer, as the reference does."""
-    rules = options.get("rules", "lenient")
-    if rules not in ("lenient", "lbt"):
-        raise _spec_error(where, f"answer: rules must be lenient or lbt, got {rules!r}")
-    fallback = options.get("fallback_last_number", True)
-    if not isinstance(fallback, bool):
-        raise _spec_error(where, f"answer: fallback_last_number must be true or false, "
-                                 f"got {fallback!r}")
+    rules = options.rules
+    fallback = options.fallback_last_number is not False
     if rules == "lbt":
-        if "fallback_last_number" in options:
-            raise _spec_error(where, "answer: fallback_last_number is an option of rules: lenient; rules: lbt "
-                                     "falls back to the last line, as the LbT reference does")
-
         def parse_lbt(text: str) -> dict[str, Any]:
             return {output: lbt_extract(text)}
 
@@ -501,19 +422,12 @@ def _source_digest(obj: Any) -> str:
     return code_digest(obj)
 
 
-def _build_function(options: dict[str, Any], output: str, where: str, workspace: Workspace | None) -> Parser:
-    name = options["name"]
+def _build_function(options: FunctionOptions, output: str, where: str, workspace: Workspace | None) -> Parser:
+    name = options.name
     fn = _import(name, where, "parse function", workspace)
     if not callable(fn):
         raise _spec_error(where, f"function: {name!r} is not callable")
-    declared = options.get("columns")
-    if declared is None:
-        columns = [output]
-    elif (not isinstance(declared, list) or not declared
-          or not all(isinstance(c, str) and c for c in declared) or len(set(declared)) != len(declared)):
-        raise _spec_error(where, f"function: columns must be a list of distinct names, got {declared!r}")
-    else:
-        columns = list(declared)
+    columns = list(options.columns) if options.columns else [output]
     allowed = frozenset(columns)
 
     def parse(text: str) -> dict[str, Any]:
@@ -540,7 +454,7 @@ def _build_function(options: dict[str, Any], output: str, where: str, workspace:
     return Parser("function", parse, columns=columns, identity=identity)
 
 
-_BUILDERS: dict[str, Callable[[dict[str, Any], str, str, Workspace | None], Parser]] = {
+_BUILDERS: dict[str, Callable[[Any, str, str, Workspace | None], Parser]] = {
     "text": _build_text,
     "regex": _build_regex,
     "json": _build_json,
@@ -550,7 +464,7 @@ _BUILDERS: dict[str, Callable[[dict[str, Any], str, str, Workspace | None], Pars
 }
 
 
-def build_parser(spec: str | dict[str, Any] | None, output: str, *, where: str = "",
+def build_parser(spec: ParseRule | str | dict[str, Any] | None, output: str, *, where: str = "",
                  workspace: Workspace | None = None) -> Parser:
     """Compile a stage's `parse:` rule. `output` names the column of single-column
     parsers; `where` (for example "stage classify") prefixes errors; `workspace`
@@ -560,5 +474,5 @@ def build_parser(spec: str | dict[str, Any] | None, output: str, *, where: str =
     """
     if not isinstance(output, str) or not output:
         raise _spec_error(where, f"the output column must be a non-empty name, got {output!r}")
-    kind, options = _resolve(spec, where)
-    return _BUILDERS[kind](options, output, where, workspace)
+    rule = rule_of(spec, where)
+    return _BUILDERS[rule.kind](rule.options, output, where, workspace)

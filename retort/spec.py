@@ -8,13 +8,25 @@ an override is validated exactly like the file.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from retort.errors import SpecError
 
@@ -26,36 +38,470 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class ModelSpec(_Strict):
-    """A named model: which backend serves it and how. Unused keys for a backend are rejected there."""
+# ---------------------------------------------------------------- models
+#
+# A model entry is one of five kinds, chosen by `backend` (default: local). Each kind declares only
+# the settings its backend reads, so a setting of another backend is refused when the pipeline loads
+# (with its line), and the JSON Schema offers an editor each backend's own fields.
 
-    backend: Literal["local", "openai", "scripted", "vllm", "langchain"] = "local"
-    model: str | None = Field(None, description="served model name (openai, vllm)")
-    base_url: str | list[str] | None = Field(None, description="endpoint, or several replicas")
-    api_key_env: str | None = Field(None, description="NAME of the environment variable holding the key")
+Concurrency = Annotated[int | None, Field(None, ge=1, description="calls in flight at once")]
+StructuredOutput = Annotated[Literal["json_schema", "json_object"] | None, Field(
+    None, description="how the model takes a JSON schema: json_schema (OpenAI, vLLM), json_object (llama.cpp)")]
+
+
+class ModelSpec(_Strict):
+    """What every model entry takes, whichever backend serves it: the runner reads these (rate limits,
+    waits, prices, the cache identity), never the backend. `ModelSpec()` is the embedded default model."""
+
+    backend: Literal["local", "openai", "vllm", "langchain", "scripted"] = "local"
     identity: str | None = Field(None, description="what enters the cache key; defaults per backend")
-    max_concurrency: int | None = Field(None, ge=1)
-    timeout: float | None = Field(None, gt=0)
-    extra_body: dict[str, Any] | None = None
-    transport: Literal["auto", "fast", "aiohttp", "sdk"] | None = Field(
-        None, description="openai's HTTP client: fast (retort's; auto), aiohttp, sdk")
-    max_response_mb: float | None = Field(None, gt=0, description="openai, fast transport: cap on a response body")
-    structured_output: Literal["json_schema", "json_object"] | None = Field(
-        None, description="how the server takes a JSON schema: OpenAI/vLLM json_schema, llama.cpp json_object")
-    model_path: str | None = None
-    replies: list[str] | None = None
-    function: str | None = None
-    cycle: bool | None = None
-    delay: float | None = Field(None, ge=0, description="scripted: seconds each call takes")
-    factory: str | None = Field(None, description="langchain: module:attr returning a BaseChatModel")
-    engine_args: dict[str, Any] | None = Field(None, description="vllm: keyword arguments of vllm.LLM")
-    chunk_size: int | None = Field(None, ge=1, description="vllm: requests per LLM.chat call")
     rpm: float | None = Field(None, gt=0, description="requests per minute budget")
     tpm: float | None = Field(None, gt=0, description="tokens per minute budget")
     max_retry_after: float | None = Field(None, ge=0, description="seconds; a longer Retry-After fails the call "
                                                                  "(default 120)")
     price_input: float | None = Field(None, ge=0, description="USD per million prompt tokens")
     price_output: float | None = Field(None, ge=0, description="USD per million completion tokens")
+
+
+class LocalModel(ModelSpec):
+    """`backend: local`: the embedded llama.cpp model, one call at a time (docs/local.md)."""
+
+    backend: Literal["local"] = "local"
+    model_path: str | None = Field(None, description="a GGUF file; default: the packaged SmolLM2")
+
+
+class OpenAIModel(ModelSpec):
+    """`backend: openai`: any OpenAI-compatible endpoint (docs/http.md)."""
+
+    backend: Literal["openai"]
+    model: str | None = Field(None, description="the served model name (default: the one the endpoint serves)")
+    base_url: str | list[str] | None = Field(None, description="endpoint, or several replicas "
+                                                                "(default https://api.openai.com/v1)")
+    api_key_env: str | None = Field(None, description="NAME of the environment variable holding the key")
+    max_concurrency: Concurrency = None
+    timeout: float | None = Field(None, gt=0, description="seconds per request (default 60)")
+    extra_body: dict[str, Any] | None = Field(None, description="sent with every request")
+    transport: Literal["auto", "fast", "aiohttp", "sdk"] | None = Field(
+        None, description="the HTTP client: fast (retort's; auto), aiohttp, sdk")
+    max_response_mb: float | None = Field(None, gt=0, description="fast transport: cap on a response body")
+    structured_output: StructuredOutput = None
+
+
+class VLLMModel(ModelSpec):
+    """`backend: vllm`: vLLM in this process (docs/vllm.md)."""
+
+    backend: Literal["vllm"]
+    model: str | None = Field(None, description="a Hugging Face model id or a local path")
+    engine_args: dict[str, Any] | None = Field(None, description="keyword arguments of vllm.LLM")
+    max_concurrency: Concurrency = None
+    chunk_size: int | None = Field(None, ge=1, description="requests per LLM.chat call")
+
+
+class LangChainModel(ModelSpec):
+    """`backend: langchain`: a langchain-core chat model (docs/langchain.md)."""
+
+    backend: Literal["langchain"]
+    factory: Any = Field(None, json_schema_extra={"type": "string"},
+                         description="module:attr naming a chat model, or a function returning one")
+    model: str | None = Field(None, description="passed to the factory when it takes `model`")
+    max_concurrency: Concurrency = None
+    structured_output: StructuredOutput = None
+    extra_body: dict[str, Any] | None = Field(None, description="bound to the model's calls")
+
+    @field_validator("factory")
+    @classmethod
+    def _module_attr(cls, v: Any) -> Any:
+        if isinstance(v, str) and ":" not in v:
+            raise ValueError(f"expected module:attr, got {v!r}")
+        if isinstance(v, (int, float, bool, list, dict)):  # a chat model object is fine from Python
+            raise ValueError(f"expected module:attr, got {v!r}")
+        return v
+
+
+class ScriptedModel(ModelSpec):
+    """`backend: scripted`: replies from a list or a function, for tests and exact logic."""
+
+    backend: Literal["scripted"]
+    replies: list[str] | None = Field(None, description="the replies, in turn")
+    function: str | None = Field(None, description="module:function taking a Request, returning the reply")
+    cycle: bool | None = Field(None, description="start the replies again when they run out")
+    delay: float | None = Field(None, ge=0, description="seconds each call takes")
+    max_concurrency: Concurrency = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ScriptedModel:
+        if self.replies is not None and self.function is not None:
+            raise ValueError("give `replies` or `function`, not both")
+        return self
+
+
+MODEL_KINDS: dict[str, type[ModelSpec]] = {"local": LocalModel, "openai": OpenAIModel, "vllm": VLLMModel,
+                                          "langchain": LangChainModel, "scripted": ScriptedModel}
+
+
+def _backend_of(value: Any) -> str | None:
+    kind = value.get("backend", "local") if isinstance(value, dict) else getattr(value, "backend", None)
+    return f"backend:{kind}" if isinstance(kind, str) and kind in MODEL_KINDS else None
+
+
+AnyModel = Annotated[
+    Annotated[LocalModel, Tag("backend:local")] | Annotated[OpenAIModel, Tag("backend:openai")]
+    | Annotated[VLLMModel, Tag("backend:vllm")] | Annotated[LangChainModel, Tag("backend:langchain")]
+    | Annotated[ScriptedModel, Tag("backend:scripted")],
+    Discriminator(_backend_of, custom_error_type="unknown_backend",
+                  custom_error_message=f"unknown backend; expected one of: {', '.join(MODEL_KINDS)}"),
+]
+
+
+
+def _target(value: Any) -> Any:
+    """`teacher: openai:gpt-4o-mini`: a model entry may be written as a `--model` target."""
+    if not isinstance(value, str):
+        return value
+    from retort.backends import parse_target
+    from retort.errors import UserError
+
+    try:
+        return parse_target(value)
+    except UserError as err:
+        raise ValueError(str(err).removeprefix("--model target ")) from None
+
+
+ModelEntry = Annotated[AnyModel, BeforeValidator(_target, json_schema_input_type=Union[str, AnyModel])]  # noqa: UP007
+
+# ---------------------------------------------------------------- parse rules
+#
+# A prompt stage's `parse:` is one of six kinds, named by its one kind key (`{choice: [...]}`) or, for
+# the kinds that need no options, by a bare word (`parse: json`). A short value stands for the kind's
+# main option (`{regex: "..."}` is `{regex: {pattern: "..."}}`), and sibling keys are options too
+# (`{choice: [a, b], default: c}`). Everything a rule can get wrong without running it is checked here,
+# so a typo is an error with its line when the pipeline loads; parsers.py compiles the checked rule.
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def choice_key(option: str) -> str:
+    """How a choice option is matched: case, punctuation and spacing do not count."""
+    return _NON_WORD.sub(" ", option).strip().casefold()
+
+
+class _Options(_Strict):
+    pass
+
+
+class TextOptions(_Options):
+    pass
+
+
+class RegexOptions(_Options):
+    pattern: str = Field(description="a Python regex; named groups become columns, else group 1 (or the match)")
+    flags: str = Field("", description="letters from imsx: ignore case, dot matches newline, multiline, verbose")
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _pattern(cls, v: Any) -> Any:
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"pattern must be a non-empty string, got {v!r}")
+        return v
+
+    @field_validator("flags", mode="before")
+    @classmethod
+    def _flags(cls, v: Any) -> Any:
+        if v is None:
+            return ""
+        if not isinstance(v, str) or any(c not in "imsx" for c in v):
+            raise ValueError(f"flags must be letters from 'imsx', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _compiles(self) -> RegexOptions:
+        try:
+            re.compile(self.pattern, sum(_REGEX_FLAGS[c] for c in set(self.flags)))
+        except re.error as err:
+            raise ValueError(f"invalid pattern {self.pattern!r}: {err}") from None
+        return self
+
+
+_REGEX_FLAGS = {"i": re.IGNORECASE, "s": re.DOTALL, "m": re.MULTILINE, "x": re.VERBOSE}
+
+
+class JsonOptions(_Options):
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="a JSON Schema; its properties "
+                                                                             "become columns")
+    model: str | None = Field(None, description="module:Class, a pydantic model whose schema is used")
+
+    @field_validator("schema_", mode="before")
+    @classmethod
+    def _mapping(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"schema must be a mapping (a JSON Schema), got {type(v).__name__}")
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> JsonOptions:
+        if self.schema_ is not None and self.model is not None:
+            raise ValueError("give a schema or a model, not both")
+        return self
+
+
+class ChoiceOptions(_Options):
+    options: list[str] = Field(description="the labels; the output is one of them, as spelled here")
+    default: str | None = Field(None, description="the output when no option is found (default: a parse error)")
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options(cls, v: Any) -> Any:
+        if not isinstance(v, list) or not v:
+            raise ValueError(f"options must be a non-empty list, got {v!r}")
+        spelled: list[str] = []
+        seen: dict[str, str] = {}
+        for option in v:
+            if isinstance(option, bool):  # YAML 1.1 reads yes/no/on/off as booleans
+                raise ValueError(f"option {option!r} was read as a boolean; quote it, for example 'yes'")
+            if not isinstance(option, str | int | float):
+                raise ValueError(f"options must be strings, got {option!r}")
+            text = str(option).strip()
+            key = choice_key(text)
+            if not key:
+                raise ValueError(f"option {text!r} has no letters or digits")
+            if key in seen:
+                raise ValueError(f"options {seen[key]!r} and {text!r} read the same once case and punctuation "
+                                 "are ignored")
+            seen[key] = text
+            spelled.append(text)
+        return spelled
+
+    @field_validator("default", mode="before")
+    @classmethod
+    def _default(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"default must be a string or null, got {v!r}")
+        return v
+
+
+class AnswerOptions(_Options):
+    rules: Literal["lenient", "lbt"] = Field(
+        "lenient", description="lenient: the last boxed answer or answer marker; lbt: the LbT paper's reading")
+    fallback_last_number: bool | None = Field(None, description="rules lenient: else the last number "
+                                                                "(default true)")
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _rules(cls, v: Any) -> Any:
+        if v not in ("lenient", "lbt"):
+            raise ValueError(f"rules must be lenient or lbt, got {v!r}")
+        return v
+
+    @field_validator("fallback_last_number", mode="before")
+    @classmethod
+    def _bool(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"fallback_last_number must be true or false, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _lenient_only(self) -> AnswerOptions:
+        if self.rules == "lbt" and self.fallback_last_number is not None:
+            raise ValueError("fallback_last_number is an option of rules: lenient; rules: lbt falls back to the "
+                             "last line, as the LbT reference does")
+        return self
+
+
+class FunctionOptions(_Options):
+    name: str = Field(description="module:attr, a function from text to a dict of columns (or a string)")
+    columns: list[str] | None = Field(None, description="the columns it returns (default: the stage's output)")
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _module_attr(cls, v: Any) -> Any:
+        if not isinstance(v, str) or ":" not in v:
+            raise ValueError(f"function must be 'module:attr', got {v!r}")
+        return v
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _distinct(cls, v: Any) -> Any:
+        if v is not None and (not isinstance(v, list) or not v or not all(isinstance(c, str) and c for c in v)
+                              or len(set(v)) != len(v)):
+            raise ValueError(f"columns must be a list of distinct names, got {v!r}")
+        return v
+
+
+def _short(accepts: Any) -> BeforeValidator:
+    """A rule's kind key as the JSON Schema shows it: its short forms too (`_fold` expands them)."""
+    return BeforeValidator(lambda v: v, json_schema_input_type=accepts)
+
+
+class ParseRule(_Strict):
+    """One `parse:` kind. `kind` names its key; `primary` is the option a short value stands for."""
+
+    kind: ClassVar[str]
+    primary: ClassVar[str | None] = None
+    example: ClassVar[str] = ""
+
+    @classmethod
+    def field(cls) -> str:
+        return next(name for name, f in cls.model_fields.items() if (f.alias or name) == cls.kind)
+
+    @property
+    def options(self) -> Any:
+        """The kind's options model (RegexOptions for a RegexRule, ...)."""
+        return getattr(self, self.field())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold(cls, data: Any) -> Any:
+        """`{kind: short, option: x}` → `{kind: {primary: short, option: x}}`."""
+        if not isinstance(data, dict) or cls.kind not in data:
+            return data
+        options_type = cls.model_fields[cls.field()].annotation
+        assert isinstance(options_type, type)
+        allowed = {f.alias or name for name, f in options_type.model_fields.items()}
+        value = data[cls.kind]
+        if value is None:
+            options = {}
+        elif isinstance(value, dict):
+            options = dict(value)
+        elif isinstance(value, _Options):  # built in Python: TextRule(text=TextOptions())
+            options = value.model_dump(exclude_unset=True)
+        elif cls.primary is not None:
+            options = {cls.primary: value}
+        else:
+            raise ValueError(f"{cls.kind} takes a mapping of options ({', '.join(sorted(allowed)) or 'none'}), "
+                             f"got {value!r}")
+        rest = {}
+        for key, extra in data.items():
+            if key == cls.kind:
+                continue
+            if key not in allowed:
+                rest[key] = extra  # refused as an unknown field, with its own line
+            elif key in options:
+                raise ValueError(f"{cls.kind}: option {key!r} given twice")
+            else:
+                options[key] = extra
+        if cls.primary is not None and cls.primary not in options:
+            raise ValueError(f"{cls.kind} needs {cls.primary!r}, for example {cls.example}")
+        return {cls.kind: options, **rest}
+
+
+class TextRule(ParseRule):
+    """`parse: text` (the default): the output column is the stripped completion."""
+
+    kind: ClassVar[str] = "text"
+    text: Annotated[TextOptions, _short(TextOptions | None)]
+
+
+class RegexRule(ParseRule):
+    """`{regex: PATTERN}`: named groups become columns."""
+
+    kind: ClassVar[str] = "regex"
+    primary: ClassVar[str | None] = "pattern"
+    example: ClassVar[str] = '{regex: "Label: (?P<label>\\w+)"}'
+    regex: Annotated[RegexOptions, _short(str | RegexOptions)]
+    flags: Any = Field(None, exclude=True, description="the same as regex.flags")
+
+
+class JsonRule(ParseRule):
+    """`parse: json`, `{json: {schema: ...}}` or `{json: {model: module:Class}}`."""
+
+    kind: ClassVar[str] = "json"
+    json_: Annotated[JsonOptions, _short(JsonOptions | None)] = Field(alias="json")
+
+
+class ChoiceRule(ParseRule):
+    """`{choice: [a, b]}`: the output is one of the options."""
+
+    kind: ClassVar[str] = "choice"
+    primary: ClassVar[str | None] = "options"
+    example: ClassVar[str] = "{choice: [positive, negative]}"
+    choice: Annotated[ChoiceOptions, _short(list[str | int | float] | ChoiceOptions)]
+    default: Any = Field(None, exclude=True, description="the same as choice.default")
+
+
+class AnswerRule(ParseRule):
+    """`parse: answer`: a math final answer."""
+
+    kind: ClassVar[str] = "answer"
+    answer: Annotated[AnswerOptions, _short(AnswerOptions | None)]
+
+
+class FunctionRule(ParseRule):
+    """`{function: module:attr}`: a Python function parses the text."""
+
+    kind: ClassVar[str] = "function"
+    primary: ClassVar[str | None] = "name"
+    example: ClassVar[str] = '{function: "module:attr"}'
+    function: Annotated[FunctionOptions, _short(str | FunctionOptions)]
+    columns: Any = Field(None, exclude=True, description="the same as function.columns")
+
+
+PARSE_KINDS: dict[str, type[ParseRule]] = {rule.kind: rule for rule in (
+    TextRule, RegexRule, JsonRule, ChoiceRule, AnswerRule, FunctionRule)}
+
+
+def _parse_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        kind = next((key for key in value if key in PARSE_KINDS), None)
+    else:
+        kind = getattr(value, "kind", None)
+    return f"parse:{kind}" if kind else None
+
+
+def _named_kind(value: Any) -> Any:
+    """A bare kind word as its mapping (`json` → `{json: null}`), and a clear word for what is not a rule."""
+    kinds = ", ".join(PARSE_KINDS)
+    if value is None:
+        return {"text": None}
+    if isinstance(value, ParseRule):
+        return value
+    if isinstance(value, str):
+        kind = value.strip()
+        if kind not in PARSE_KINDS:
+            raise ValueError(f"unknown parse kind {kind!r}{_did_you_mean(kind)}; expected one of: {kinds}")
+        if PARSE_KINDS[kind].primary is not None:
+            raise ValueError(f"{kind!r} needs options, for example {PARSE_KINDS[kind].example}")
+        return {kind: None}
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a parse kind ({kinds}) or a mapping, got {type(value).__name__}")
+    named = [key for key in value if key in PARSE_KINDS]
+    if len(named) != 1:
+        found = ", ".join(map(str, value)) or "nothing"
+        hint = _did_you_mean(str(next(iter(value)))) if len(value) == 1 else ""
+        raise ValueError(f"expected exactly one parse kind ({kinds}), found: {found}{hint}")
+    return value
+
+
+def _did_you_mean(word: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(PARSE_KINDS), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_ParseUnion = Annotated[
+    Annotated[TextRule, Tag("parse:text")] | Annotated[RegexRule, Tag("parse:regex")]
+    | Annotated[JsonRule, Tag("parse:json")] | Annotated[ChoiceRule, Tag("parse:choice")]
+    | Annotated[AnswerRule, Tag("parse:answer")] | Annotated[FunctionRule, Tag("parse:function")],
+    Discriminator(_parse_kind),
+]
+ParseSpec = Annotated[_ParseUnion, BeforeValidator(
+    _named_kind, json_schema_input_type=Union[Literal["text", "json", "answer"], _ParseUnion])]  # noqa: UP007
+
+
+@functools.cache
+def _adapter(kind: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(kind)
+
+
+def as_model(value: dict[str, Any]) -> ModelSpec:
+    """Model settings given as a mapping (a pipeline entry merged with a `--model` target) as the typed
+    model of their backend; raises pydantic's ValidationError (`model_error` words it)."""
+    return _adapter(AnyModel).validate_python(value)  # type: ignore[no-any-return]
+
+
+def as_rule(value: Any) -> ParseRule:
+    """A `parse:` value given from Python as its typed rule; raises ValidationError (`rule_error` words it)."""
+    return _adapter(ParseSpec).validate_python(value)  # type: ignore[no-any-return]
 
 
 class InputSpec(_Strict):
@@ -92,7 +538,8 @@ class PromptStage(_Stage):
     model: str | ModelColumn = "default"
     samples: int = Field(1, ge=1)
     params: SamplingParams = Field(default_factory=SamplingParams)
-    parse: str | dict[str, Any] = "text"
+    parse: ParseSpec = Field(default_factory=lambda: TextRule(text=TextOptions()),
+                             description="how the completion becomes columns")
     output: str | None = Field(None, pattern=IDENT, description="output column; defaults to the stage name")
     reask: int = Field(0, ge=0, description="extra tries for a sample whose output does not parse")
 
@@ -152,7 +599,8 @@ class Pipeline(_Strict):
     description: str | None = None
     input: InputSpec
     params: dict[str, Any] = Field(default_factory=dict, description="values templates see as `params`")
-    models: dict[str, ModelSpec] = Field(default_factory=dict)
+    models: dict[str, ModelEntry] = Field(default_factory=dict, description="settings, or a target as "
+                                          "--model takes it: local, URL[#model], openai:MODEL, vllm:MODEL, ...")
     stages: list[Stage] = Field(min_length=1)
     strict: bool = Field(False, description="a run whose summary warns (a stage with many parse errors, an "
                                             "empty table) exits non-zero, as `retort run --strict` does")
@@ -161,7 +609,7 @@ class Pipeline(_Strict):
         if name in self.models:
             return self.models[name]
         if name == "default":
-            return ModelSpec(backend="local")
+            return LocalModel()
         raise KeyError(name)
 
 
@@ -354,24 +802,51 @@ def validate(data: dict[str, Any], src: Source) -> Pipeline:
     return pipeline
 
 
-def validation_error(exc: ValidationError, data: dict[str, Any], src: Source) -> SpecError:
-    """Pydantic's first error as one SpecError: file, line, field path (stages by name too), what was expected."""
+def validation_error(exc: ValidationError, data: dict[str, Any], src: Source,
+                     at: tuple[Any, ...] = ()) -> SpecError:
+    """Pydantic's first error as one SpecError: file, line, field path (stages by name too), what was expected.
+    `at` is where in `data` the validated value sits."""
     err = exc.errors()[0]
-    loc = _real_loc(tuple(err["loc"]), data)
+    loc = _real_loc((*at, *err["loc"]), data)
     label = _dotted(loc)
     if len(loc) >= 2 and loc[0] == "stages" and isinstance(loc[1], int):
         stages = data.get("stages") or []
         if loc[1] < len(stages) and isinstance(stages[loc[1]], dict) and stages[loc[1]].get("name"):
             label = label.replace(f"stages[{loc[1]}]", f"stages[{loc[1]}] ({stages[loc[1]]['name']})", 1)
     message = _message(err)
+    if err["type"] == "unknown_backend" and isinstance(err.get("input"), dict):
+        loc, label, message = (*loc, "backend"), f"{label}.backend", \
+            f"unknown backend {err['input'].get('backend')!r}; expected one of: {', '.join(MODEL_KINDS)}"
+    elif err["type"] == "unknown_backend":
+        message = f"expected a mapping of model settings (`backend:` one of {', '.join(MODEL_KINDS)}, and its own)"
+    elif err["type"] == "extra_forbidden" and len(loc) == 3 and loc[0] == "models":
+        message = _not_a_setting(str(loc[2]), data["models"][loc[1]])
+    else:
+        message = _option_message(err, loc) or message
     more = len(exc.errors()) - 1
     if more:
         message += f" (and {more} more error{'s' * (more > 1)})"
     return SpecError(message, file=src.file, line=src.line(loc), field=label or None)
 
 
+def model_error(exc: ValidationError, name: str, entry: dict[str, Any]) -> SpecError:
+    """A model's settings as built (its pipeline entry and a `--model` target) that its backend refuses."""
+    return validation_error(exc, {"models": {name: entry}}, Source(""), ("models", name))
+
+
+def rule_error(exc: ValidationError, value: Any) -> str:
+    """A `parse:` value's first error as words (for a rule given from Python, with no file to point at)."""
+    err = exc.errors()[0]
+    loc = _real_loc(tuple(err["loc"]), value)
+    option = _option_message(err, loc)
+    if option:
+        return option
+    return f"{_dotted(loc)}: {_message(err)}" if loc else _message(err)
+
+
 def _real_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
-    """Drop pydantic's union tags (`prompt`, `function-after[...]`) that are not keys of the data."""
+    """Drop pydantic's union tags (`prompt`, `backend:openai`, `parse:choice`, `function-after[...]`) that
+    are not keys of the data."""
     if len(loc) > 2 and loc[0] == "stages" and loc[2] in ("prompt", "sql", "python", "embed"):
         loc = loc[:2] + loc[3:]  # the union's tag, not a key
     out: list[Any] = []
@@ -381,18 +856,41 @@ def _real_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
                 isinstance(node, list) and isinstance(part, int) and part < len(node)):
             out.append(part)
             node = node[part]
-        elif isinstance(node, dict) and part in ("from_", "with_"):
+        elif isinstance(node, dict) and part in ("from_", "with_", "schema_", "json_"):
             key = part.rstrip("_")
             out.append(key)
             node = node.get(key)
         elif not isinstance(node, (dict, list)):
             break
-        elif isinstance(part, str) and ("[" in part or part in ("str", "dict[str,any]")):
+        elif isinstance(part, str) and ("[" in part or part.startswith(_TAGS) or part in ("str", "dict[str,any]")):
             continue
         else:
             out.append(part)  # a missing key: name it
             break
     return tuple(out)
+
+
+_TAGS = ("backend:", "parse:")  # the prefixes of the model and parse unions' tags
+
+
+def _not_a_setting(key: str, entry: dict[str, Any]) -> str:
+    """A model entry's key its backend does not take: say which backends take it, and what this one takes."""
+    kind = entry.get("backend", "local")
+    own = [name for name in MODEL_KINDS[kind].model_fields if name not in ModelSpec.model_fields]
+    elsewhere = [name for name, cls in MODEL_KINDS.items() if key in cls.model_fields]
+    which = f"a setting of backend {', '.join(elsewhere)}, not {kind}" if elsewhere else f"not a setting of {kind}"
+    return f"{which} (backend {kind} takes {', '.join(own) or 'no settings'} of its own)"
+
+
+def _option_message(err: Any, loc: tuple[Any, ...]) -> str | None:
+    """An unknown option of a `parse:` rule, named with the options its kind takes."""
+    kind = next((str(p)[6:] for p in err["loc"] if str(p).startswith("parse:")), None)
+    if err["type"] != "extra_forbidden" or kind is None or not loc:
+        return None
+    options = PARSE_KINDS[kind].model_fields[PARSE_KINDS[kind].field()].annotation
+    assert isinstance(options, type) and issubclass(options, BaseModel)
+    names = sorted(f.alias or name for name, f in options.model_fields.items())
+    return f"{kind}: unknown option {loc[-1]!r}; expected: {', '.join(names) or 'none'}"
 
 
 def _message(err: Any) -> str:
@@ -412,4 +910,25 @@ def json_schema() -> dict[str, Any]:
     schema = Pipeline.model_json_schema(by_alias=True)
     schema["title"] = "retort pipeline"
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    _params_allowed(schema)
     return schema
+
+
+# A stage value that is exactly `{{ params.x }}` is replaced by the param before validation (with_params).
+_PARAM_SCHEMA = {"type": "string", "pattern": _PARAM_REF.pattern.replace("^", r"^\s*").replace("$", r"\s*$"),
+                 "description": "a param of the pipeline, `{{ params.NAME }}`, taking its value"}
+_META = ("title", "description", "default")
+
+
+def _params_allowed(schema: dict[str, Any]) -> None:
+    """Let the schema take `{{ params.x }}` wherever with_params puts a param's value (a stage's values, but
+    not its name or its template, SQL or prompt), so an editor does not flag `{choice: "{{ params.labels }}"}`."""
+    stages = {"PromptStage", "EmbedStage", "PythonStage", "SamplingParams", "ModelColumn"}
+    for name, definition in schema["$defs"].items():
+        if name not in stages and not name.endswith(("Rule", "Options")):
+            continue
+        for key, prop in definition.get("properties", {}).items():
+            if key in ("name", "template", "sql", "prompt", "python", "embed", "description") or "$ref" in prop:
+                continue  # a $ref (a nested model) gets the same treatment in its own definition
+            meta = {k: prop.pop(k) for k in _META if k in prop}
+            definition["properties"][key] = {"anyOf": [prop, _PARAM_SCHEMA], **meta}

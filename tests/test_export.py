@@ -350,13 +350,14 @@ def test_where_narrows_and_refuses_anything_but_one_filter(db: Path) -> None:
 
 def test_manifest_records_input_options_digests_and_sampling(workspace: Path) -> None:
     _classify(workspace, "some", "--limit", "3", "--map", "text=lower(text)", "--set", "params.note=hello",
-              "--set", "models.default.api_key_env=MY_KEY")
+              "--set", "models.default.backend=openai", "--set", "models.default.api_key_env=MY_KEY")
     manifest = _export(workspace, "classify", "--format", "jsonl")["manifest"]
     data = workspace / "data" / "reviews.jsonl"
     assert manifest["input"] == {"path": str(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
                                  "limit": 3}
     assert manifest["options"] == {"input": None, "limit": 3, "map": {"text": "lower(text)"},
-                                   "set": {"params.note": "hello", "models.default.api_key_env": "<redacted>"},
+                                   "set": {"params.note": "hello", "models.default.backend": "openai",
+                                           "models.default.api_key_env": "<redacted>"},
                                    "model": {"default": "scripted:cls_replies:some"}, "sample": None, "seed": 0}
     [stage] = manifest["stages"]
     assert stage["template"] == hashlib.sha256(b"Label this review: {{ text }}").hexdigest()

@@ -206,9 +206,8 @@ def test_api_key_never_lands_in_the_database(workspace: Path, monkeypatch: pytes
     monkeypatch.setenv("MY_KEY", secret)
     path = make(workspace, "  - {name: ask, template: 'Tell me about {{ text }}'}\n")
     path.write_text(path.read_text().replace(
-        "stages:", "models:\n  default: {backend: scripted, replies: [x, x, x, x, x, x], api_key_env: MY_KEY}\n"
-                   "stages:"))
-    run(workspace, path)
+        "stages:", "models:\n  default: {backend: openai, model: stub, api_key_env: MY_KEY}\nstages:"))
+    run(workspace, path, ScriptedBackend(replies=["x"] * 6))  # the spec names the key; a stand-in answers
     assert secret.encode() not in (workspace / ".retort" / "retort.duckdb").read_bytes()
     assert secret not in json.dumps(query(workspace, "SELECT * FROM runs"), default=str)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from retort.errors import SpecError
-from retort.spec import PromptStage, SqlStage, json_schema, load_pipeline
+from retort.spec import ChoiceRule, PromptStage, SqlStage, json_schema, load_pipeline
 
 GOOD = """\
 input:
@@ -76,7 +76,7 @@ def test_bad_override_is_a_spec_error(tmp_path: Path) -> None:
 def test_json_schema_describes_stage_kinds() -> None:
     schema = json_schema()
     defs = schema["$defs"]
-    assert {"PromptStage", "SqlStage", "PythonStage", "ModelSpec"} <= set(defs)
+    assert {"PromptStage", "SqlStage", "PythonStage", "OpenAIModel"} <= set(defs)
     assert defs["PromptStage"]["additionalProperties"] is False
     assert "from" in defs["PromptStage"]["properties"]
 
@@ -87,7 +87,7 @@ def test_stage_values_follow_params(tmp_path: Path) -> None:
     spec, _ = load_pipeline(write(tmp_path, text), ["params.k=5"])
     stage = spec.stages[0]
     assert isinstance(stage, PromptStage)
-    assert stage.samples == 5 and stage.parse == {"choice": ["good", "bad"]}
+    assert stage.samples == 5 and isinstance(stage.parse, ChoiceRule) and stage.parse.choice.options == ["good", "bad"]
 
 
 def test_stage_names_of_retorts_own_tables_are_refused(tmp_path: Path) -> None:

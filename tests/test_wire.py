@@ -22,7 +22,7 @@ from retort.backends.base import Request
 from retort.backends.openai import OpenAIBackend, from_config
 from retort.backends.wire import MAX_REDIRECTS, Pool, ProtocolError, ResponseTooLarge
 from retort.errors import BackendError
-from retort.spec import ModelSpec
+from retort.spec import OpenAIModel
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
                    "NO_PROXY", "no_proxy")
@@ -561,7 +561,7 @@ def test_a_response_past_the_cap_fails_and_its_connection_is_discarded(framing: 
 
 
 def test_the_cap_is_set_per_model_and_its_error_says_how_to_raise_it() -> None:
-    entry = ModelSpec(backend="openai", model="m", max_response_mb=0.5).model_dump()
+    entry = OpenAIModel(backend="openai", model="m", max_response_mb=0.5).model_dump()
     assert from_config(entry).max_response_mb == 0.5  # a model entry in YAML takes it
 
     async def main() -> None:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retort.backends.base import Backend, Completion, Request
 from retort.errors import BackendError, UserError
 
-__all__ = ["Backend", "Completion", "Request", "create", "parse_target"]
+if TYPE_CHECKING:
+    from retort.spec import ModelSpec
+
+__all__ = ["Backend", "Completion", "Request", "create", "parse_target", "settings"]
 
 MODULES = {"local": "local", "openai": "openai", "scripted": "scripted", "vllm": "vllm", "langchain": "langchain"}
 
@@ -23,11 +26,12 @@ LANGCHAIN_MISSING = 'the LangChain integration needs langchain-core: pip install
 
 
 def create(name: str, config: dict[str, Any], workspace: Any = None) -> Backend:
-    """Build the backend for model `name`. `workspace` resolves the `module:attr` names that scripted
-    and langchain models take (its evaluators/ folder first)."""
-    kind = config.get("backend", "local")
-    if workspace is not None and kind in ("scripted", "langchain"):
-        config = {**config, "workspace": workspace}
+    """Build the backend for model `name` from its settings: a pipeline's entry merged with any `--model`
+    target (checked again here, since a target from Python or the command line was not in the file).
+    `workspace` resolves the `module:attr` names that scripted and langchain models take (its
+    evaluators/ folder first)."""
+    model = settings(name, config)
+    kind = model.backend
     allowed = os.environ.get("RETORT_ALLOWED_BACKENDS")
     if allowed and kind not in allowed.split(","):
         raise BackendError(f"backend {kind!r} is disabled here (RETORT_ALLOWED_BACKENDS={allowed}); "
@@ -38,7 +42,25 @@ def create(name: str, config: dict[str, Any], workspace: Any = None) -> Backend:
         if (exc.name or "").partition(".")[0] != "langchain_core":
             raise
         raise UserError(LANGCHAIN_MISSING) from None
-    return module.from_config(config)  # type: ignore[no-any-return]
+    options = {key: value for key, value in model if value is not None}  # shallow: a chat model object stays one
+    options["name"] = name
+    if workspace is not None and kind in ("scripted", "langchain"):
+        options["workspace"] = workspace
+    return module.from_config(options)  # type: ignore[no-any-return]
+
+
+def settings(name: str, config: dict[str, Any]) -> ModelSpec:
+    """A model's settings as its backend's typed model (spec.LocalModel, OpenAIModel, ...); a key the
+    backend does not take is a SpecError naming it. Keys set to None count as absent."""
+    from pydantic import ValidationError
+
+    from retort.spec import as_model, model_error
+
+    given = {key: value for key, value in config.items() if value is not None and key not in ("name", "workspace")}
+    try:
+        return as_model(given)
+    except ValidationError as exc:
+        raise model_error(exc, name, given) from None
 
 
 def parse_target(target: str) -> dict[str, Any]:
