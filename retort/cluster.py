@@ -40,6 +40,7 @@ import asyncio
 import itertools
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
@@ -214,6 +215,8 @@ class RayCluster:
         self.pools: dict[str, ModelPool] = {}
         self._owns = False
         if not self.ray.is_initialized():
+            reachable(self.options.address)
+            _messages_to_stderr()
             # The workers' output stays in Ray's logs: the driver's stdout carries `retort run --json`.
             try:
                 self.ray.init(address=self.options.address, log_to_driver=False, logging_level=logging.WARNING,
@@ -268,6 +271,36 @@ class RayCluster:
         self.pools.clear()
         if self._owns:
             self.ray.shutdown()
+
+
+def _messages_to_stderr() -> None:
+    """Ray's driver prints the cluster's error messages ("(raylet) Task ... failed ... will be retried",
+    when a worker dies) on stdout, which carries `retort run --json`: send them to stderr. Ray 2.60
+    calls `print_to_stdstream` by its module-global name from its listener thread, so this replaces it."""
+    try:
+        from ray._private import worker
+    except ImportError:  # another layout of Ray's internals: its messages stay where Ray puts them
+        return
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_retort", False):
+        return
+
+    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
+        original({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr._retort = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_stderr
+
+
+def reachable(address: str | None) -> None:
+    """Fail at once, in one line, when an explicit HOST:PORT does not answer: ray.init would retry for minutes."""
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--on ray: no Ray cluster answers at {address} ({exc})") from None
 
 
 async def batches_of(queue: asyncio.Queue[T | None], size: int) -> AsyncIterator[list[T]]:
