@@ -114,17 +114,11 @@ class _Worker:
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
     async def _one(self, request: Request) -> Outcome:
-        from retort.runner import _completion_tokens, call_with_retries
+        from retort.executors.prompt import complete
 
         begun = time.monotonic()
         try:
-            if not self.limiter.budgets_tokens:
-                completion = await call_with_retries(self.backend.complete, request, self.limiter, self.max_retries)
-            else:
-                prompt = sum(len(m["content"]) for m in request.messages) / 4
-                estimate = (prompt + float(request.params.get("max_tokens") or 256)) * request.n
-                completion = await call_with_retries(self.backend.complete, request, self.limiter, self.max_retries,
-                                                     estimate, _completion_tokens)
+            completion = await complete(self.backend, self.limiter, request, self.max_retries)
             return completion, time.monotonic() - begun
         except BackendError as exc:  # the call's final failure, after retries: the driver records it
             return exc, time.monotonic() - begun
@@ -210,21 +204,26 @@ class RayCluster:
     """The driver's connection to a Ray cluster, and the model pools it made there."""
 
     def __init__(self, options: RayOptions | None = None) -> None:
+        """Ray must be importable (checked here, in pre-flight); the cluster is joined on the first call
+        that misses the cache, so a cached rerun never connects."""
         self.options = options or RayOptions()
         self.ray = require_ray()
         self.pools: dict[str, ModelPool] = {}
         self._owns = False
-        if not self.ray.is_initialized():
-            reachable(self.options.address)
-            _messages_to_stderr()
-            # The workers' output stays in Ray's logs: the driver's stdout carries `retort run --json`.
-            try:
-                self.ray.init(address=self.options.address, log_to_driver=False, logging_level=logging.WARNING,
-                              include_dashboard=False, configure_logging=False)
-            except (ConnectionError, ValueError, RuntimeError) as exc:
-                where = self.options.address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
-                raise UserError(f"--on ray: cannot connect to {where}: {str(exc).splitlines()[0]}") from None
-            self._owns = True
+
+    def connect(self) -> None:
+        if self.ray.is_initialized():
+            return
+        reachable(self.options.address)
+        _messages_to_stderr()
+        # The workers' output stays in Ray's logs: the driver's stdout carries `retort run --json`.
+        try:
+            self.ray.init(address=self.options.address, log_to_driver=False, logging_level=logging.WARNING,
+                          include_dashboard=False, configure_logging=False)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            where = self.options.address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
+            raise UserError(f"--on ray: cannot connect to {where}: {str(exc).splitlines()[0]}") from None
+        self._owns = True
 
     def actor_count(self, config: dict[str, Any]) -> tuple[int, dict[str, float]]:
         """How many actors a model gets, and what each reserves. vLLM: one per `tensor_parallel_size` GPUs
@@ -245,6 +244,7 @@ class RayCluster:
         build, or an endpoint it cannot reach, fails here with the worker's own message)."""
         if name in self.pools:
             return self.pools[name]
+        self.connect()
         count, reserve = self.actor_count(config)
         remote = self.ray.remote(_Worker).options(
             max_restarts=MAX_RESTARTS, max_task_retries=-1, max_concurrency=1000, **reserve)
@@ -271,6 +271,7 @@ class RayCluster:
         self.pools.clear()
         if self._owns:
             self.ray.shutdown()
+            self._owns = False
 
 
 def _messages_to_stderr() -> None:
@@ -323,16 +324,15 @@ async def batches_of(queue: asyncio.Queue[T | None], size: int) -> AsyncIterator
         yield items
 
 
-async def pool_for(runner: Any, name: str) -> ModelPool:
-    """Model `name`'s pool on the runner's cluster (connected on first use), built from the config the
-    runner resolved: the served model name pre-flight found is carried, no key ever is."""
-    if runner.cluster is None:
-        runner.cluster = RayCluster(RayOptions(address=runner.ray_address))
-    if name in runner.cluster.pools:
-        return runner.cluster.pools[name]  # type: ignore[no-any-return]
-    backend = runner.backend(name)
-    config = runner.model_config(name)
+async def pool_for(ctx: Any, name: str) -> ModelPool:
+    """Model `name`'s pool on the run's cluster (`ctx.ray`), built from the config the run resolved: the
+    served model name pre-flight found is carried, no key ever is (only `api_key_env`, its name)."""
+    cluster: RayCluster = ctx.ray
+    if name in cluster.pools:
+        return cluster.pools[name]
+    backend = ctx.models.backend(name)
+    config = ctx.models.config(name)
     if getattr(backend, "model", None) and config.get("backend") == "openai":
         config["model"] = backend.model
-    return await runner.cluster.pool(name, config, backend.identity, int(backend.max_concurrency or 1),  # type: ignore[no-any-return]
-                                     runner.ws.root, runner.max_retries)
+    return await cluster.pool(name, config, backend.identity, int(backend.max_concurrency or 1), ctx.ws.root,
+                              ctx.max_retries)
