@@ -56,6 +56,21 @@ MAX_RESTARTS = 4  # a worker killed (or OOM) this many times fails the run's rem
 
 T = TypeVar("T")
 Outcome = tuple[Completion | BackendError, float]  # the result of one request, and its seconds in the worker
+# Between driver and workers, requests and completions travel as plain tuples: pickling the slotted
+# dataclasses costs ~16 and ~21 us each, the tuples ~3 (bench/bench_ray.py counts the driver's CPU per call).
+Wire = tuple[Any, ...]
+
+
+def _to_wire(request: Request) -> Wire:
+    return request.messages, request.params, request.n, request.schema, request.model, request.choices
+
+
+def _from_wire(outcome: tuple[Any, float]) -> Outcome:
+    result, seconds = outcome
+    if isinstance(result, BackendError):  # the worker returns nothing else but a completion's fields
+        return result, seconds
+    texts, prompt_tokens, completion_tokens, reasons = result
+    return Completion(texts, prompt_tokens, completion_tokens, reasons), seconds
 
 
 def require_ray() -> Any:
@@ -110,16 +125,16 @@ class _Worker:
             return exc
         return os.getpid()
 
-    async def complete(self, requests: list[Request]) -> list[Outcome]:
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+    async def complete(self, requests: list[Wire]) -> list[tuple[Any, float]]:
+        return list(await asyncio.gather(*(self._one(Request(*r)) for r in requests)))
 
-    async def _one(self, request: Request) -> Outcome:
+    async def _one(self, request: Request) -> tuple[Any, float]:
         from retort.executors.prompt import complete
 
         begun = time.monotonic()
         try:
-            completion = await complete(self.backend, self.limiter, request, self.max_retries)
-            return completion, time.monotonic() - begun
+            c = await complete(self.backend, self.limiter, request, self.max_retries)
+            return (c.texts, c.prompt_tokens, c.completion_tokens, c.finish_reasons), time.monotonic() - begun
         except BackendError as exc:  # the call's final failure, after retries: the driver records it
             return exc, time.monotonic() - begun
         except Exception as exc:  # any failure of a call is the row's failure, never a dead worker
@@ -141,7 +156,7 @@ class ModelPool:
         n = min(range(len(self.actors)), key=self.outstanding.__getitem__)
         self.outstanding[n] += len(requests)
         try:
-            return list(await self.actors[n].complete.remote(requests))
+            return [_from_wire(o) for o in await self.actors[n].complete.remote([_to_wire(r) for r in requests])]
         except self.ray.exceptions.RayError as exc:
             error = BackendError(f"ray worker lost: {str(exc).splitlines()[0]}", model=self.identity,
                                  retryable=True)
