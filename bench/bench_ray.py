@@ -8,8 +8,11 @@ against bench/stub_server.py in a subprocess, `max_concurrency: 64`, a fresh Duc
 timed from Runner.execute() to its return, in this process:
   local         the ordinary run (64 worker coroutines in the driver); with the driver's CPU time
                 per call (all its threads), steadier than wall time on a shared machine
+  ray_connect   joining the cluster (ray.init), once per `retort run` process; the ray runs below
+                find this process connected (as in a notebook), so their figures exclude it
   ray           `on="ray"`: the driver sends its misses to Ray actors in batches (retort.cluster);
-                includes making the model's actors (a worker process each)
+                includes making the model's actors (a worker process each); with the driver's
+                CPU per call (its threads include Ray's client)
   actors_up     of which: making the actors and waiting for them to be ready
   ray_data      (to choose the design) the same requests as a ray.data pipeline: from_items,
                 map_batches with a class holding the retort backend (2 actors), iter_batches back
@@ -82,6 +85,15 @@ def timed_run(rows: int, model: str, on: str = "local", address: str | None = No
     stats = result.stages[0]
     assert (stats.calls_made, stats.failures) == (rows, 0), stats
     return seconds, cpu * 1e6 / rows
+
+
+def connect(address: str) -> float:
+    """Seconds to join the cluster (ray.init), paid once per `retort run --on ray` process."""
+    import ray
+
+    begun = time.perf_counter()
+    ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    return time.perf_counter() - begun
 
 
 def actors_up(address: str, url: str) -> float:
@@ -219,6 +231,7 @@ def main() -> None:
     out: dict[str, Any] = {"rows": args.rows, "stub_latency": args.stub_latency, "cores": os.cpu_count()}
     try:
         local = [timed_run(args.rows, model) for _ in range(args.repeat)]
+        out["ray_connect_s"] = connect(address)  # once: the runs below find Ray connected, as a notebook would
         remote = [timed_run(args.rows, model, "ray", address) for _ in range(args.repeat)]
         out["local_s"], out["local_cpu_us_per_call"] = min(local)
         out["ray_s"], out["ray_driver_cpu_us_per_call"] = min(remote)

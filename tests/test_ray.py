@@ -306,6 +306,25 @@ def test_the_driver_killed_mid_run_then_rerun_repeats_no_flushed_call(tmp_path: 
         slow.wait()
 
 
+@pytest.mark.http
+def test_no_key_is_shipped_the_workers_read_their_own_environment(tmp_path: Path, cluster: str, stub: str) -> None:
+    """The driver has the key, the cluster's nodes do not: the workers never get it from the driver (no
+    runtime_env, no object store), so the run stops before any call, naming the variable, not the key."""
+    secret = "sk-test-not-for-the-workers-0123456789"
+    write(tmp_path, 5, f"{{backend: openai, model: stub, base_url: '{stub}', api_key_env: RETORT_RAY_TEST_KEY}}",
+          "  - {name: ask, template: 'Q: {{ text }}'}\n")
+    begun = served(stub)
+    proc = run_cli("run", "p", "-q", "--on", "ray", "--ray-address", cluster, cwd=tmp_path,
+                   env={**RAY_ENV, "RETORT_RAY_TEST_KEY": secret})
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: environment variable RETORT_RAY_TEST_KEY is not set; it should hold the API key for model "
+        "'openai:stub'"), proc.stderr
+    assert secret not in proc.stderr + proc.stdout
+    assert served(stub) == begun  # not one request
+    assert db_rows(tmp_path, "SELECT count(*) FROM calls") == [(0,)]
+
+
 # --- vLLM, against the stand-in ----------------------------------------------------------------------
 
 
