@@ -111,23 +111,26 @@ def run(pipeline: str | Path, *, input: Input | None = None, models: Models | No
         limit: int | None = None, sample: int | None = None, seed: int = 0, set: Mapping[str, Any] | None = None,
         map: Mapping[str, str] | None = None,
         until: str | None = None, workspace: str | Path = ".", db: str | Path | None = None, reuse: bool = True,
-        max_failures: int = 0, retries: int = 5, progress: bool = False) -> Result:
+        max_failures: int = 0, retries: int = 5, progress: bool = False, on: str = "local",
+        ray_address: str | None = None) -> Result:
     """Run a pipeline (a name in the workspace or the built-in library, or a YAML path) and
-    return its result. `until` stops after that stage (what follows it does not run)."""
+    return its result. `until` stops after that stage (what follows it does not run).
+    `on="ray"` makes the calls the cache lacks on a Ray cluster (`ray_address`; docs/ray.md)."""
     return _blocking(arun(pipeline, input=input, models=models, limit=limit, sample=sample, seed=seed, set=set,
                           map=map, until=until,
                           workspace=workspace, db=db, reuse=reuse, max_failures=max_failures, retries=retries,
-                          progress=progress))
+                          progress=progress, on=on, ray_address=ray_address))
 
 
 async def arun(pipeline: str | Path, *, input: Input | None = None, models: Models | None = None,
                limit: int | None = None, sample: int | None = None, seed: int = 0,
                set: Mapping[str, Any] | None = None, map: Mapping[str, str] | None = None,
                until: str | None = None, workspace: str | Path = ".", db: str | Path | None = None,
-               reuse: bool = True, max_failures: int = 0, retries: int = 5, progress: bool = False) -> Result:
+               reuse: bool = True, max_failures: int = 0, retries: int = 5, progress: bool = False,
+               on: str = "local", ray_address: str | None = None) -> Result:
     """`run`, awaited on the caller's event loop."""
     return await _execute("run", pipeline, input, models, limit, set, map, until, workspace, db, reuse,
-                          max_failures, retries, progress, sample, seed)
+                          max_failures, retries, progress, sample, seed, on=on, ray_address=ray_address)
 
 
 def plan(pipeline: str | Path, *, input: Input | None = None, models: Models | None = None,
@@ -166,7 +169,7 @@ async def _execute(mode: str, pipeline: str | Path, input: Input | None, models:
                    limit: int | None, overrides: Mapping[str, Any] | None, columns: Mapping[str, str] | None,
                    until: str | None, workspace: str | Path, db: str | Path | None, reuse: bool,
                    max_failures: int, retries: int, progress: bool, sample: int | None = None,
-                   seed: int = 0) -> Result:
+                   seed: int = 0, *, on: str = "local", ray_address: str | None = None) -> Result:
     from retort import backends
     from retort.cache import Cache
     from retort.runner import Progress, Runner
@@ -176,6 +179,8 @@ async def _execute(mode: str, pipeline: str | Path, input: Input | None, models:
     for name, value in (("limit", limit), ("sample", sample)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be a positive number of rows, not {value}")
+    if on not in ("local", "ray"):
+        raise UserError(f"on must be 'local' or 'ray', not {on!r}")
     ws = Workspace(workspace)
     spec, src = load_pipeline(ws.pipeline(str(pipeline)),
                               [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()])
@@ -197,7 +202,7 @@ async def _execute(mode: str, pipeline: str | Path, input: Input | None, models:
         runner = Runner(ws, spec, src, cache, mode=mode, input_path=path, input_data=data,
                         columns=dict(columns or {}), limit=limit, sample=sample, seed=seed, model_targets=targets,
                         progress=shown or Progress(), max_retries=retries, reuse=reuse, max_failures=max_failures,
-                        argv=f"python: retort.{mode}({str(pipeline)!r})")
+                        argv=f"python: retort.{mode}({str(pipeline)!r})", on=on, ray_address=ray_address)
         if shown is not None:
             with shown:
                 outcome = await runner.execute()

@@ -47,7 +47,8 @@ def _runner(args: argparse.Namespace, mode: str, cache: Any, progress: Any = Non
     return Runner(ws, pipeline, source, cache, mode=mode, input_path=args.input, columns=name_values(args.map, "--map"),
                   limit=args.limit, sample=args.sample, seed=args.seed, model_targets=targets, progress=progress,
                   max_retries=args.retries, argv=shlex.join(sys.argv[1:]),
-                  reuse=not getattr(args, "no_reuse", False), max_failures=getattr(args, "max_failures", 0))
+                  reuse=not getattr(args, "no_reuse", False), max_failures=getattr(args, "max_failures", 0),
+                  on=getattr(args, "on", "local"), ray_address=getattr(args, "ray_address", None))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -600,6 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a pipeline")
     _add_pipeline_args(p)
     p.add_argument("--max-failures", type=int, default=0, help="exit non-zero past this many failures")
+    p.add_argument("--on", choices=("local", "ray"), default="local",
+                   help="where model calls run: here (default), or on a Ray cluster (pip install 'retort[ray]')")
+    p.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster to use with --on ray (default: "
+                   "RAY_ADDRESS, else a new local one)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.add_argument("--no-reuse", action="store_true",
                    help="rebuild every stage table, even one an earlier run built from the same inputs "

@@ -41,6 +41,7 @@ class Context:
     known: dict[str, list[str]] = field(default_factory=dict)  # columns of the tables this run reused
     completion: dict[str, float] = field(default_factory=dict)  # plan: expected completion tokens per call
     _env: Any = None  # the workspace's Jinja environment, made on first use
+    ray: Any = None  # under --on ray, the run's retort.cluster.RayCluster: prompt-stage misses go there
 
     def table(self, name: str) -> str:
         return f'{self.schema}."{name}"'

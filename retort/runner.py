@@ -29,6 +29,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
+from retort import cluster
 from retort.backends.base import Backend
 from retort.cache import Cache, quote
 from retort.context import LINEAGE, NOT_CACHED, Context
@@ -53,9 +54,10 @@ class Runner:
                  backend_factory: Callable[[str, dict[str, Any]], Backend] | None = None,
                  argv: str = "", reuse: bool = True, namespace: str | None = None,
                  max_failures: int = 0, input_data: pa.Table | None = None, sample: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, on: str = "local", ray_address: str | None = None) -> None:
         """`namespace` names where the run's tables become the latest (default: the pipeline's
-        name); a run with more than `max_failures` failed calls ends `failed` and does not."""
+        name); a run with more than `max_failures` failed calls ends `failed` and does not.
+        `on="ray"`: prompt-stage calls the cache lacks run on a Ray cluster (retort.cluster)."""
         assert mode in ("run", "plan", "validate")
         self.ws, self.spec, self.src, self.cache = workspace, pipeline, source, cache
         self.mode, self.dry = mode, mode != "run"
@@ -71,6 +73,7 @@ class Runner:
         self.models = Models(pipeline, source, workspace, targets=model_targets, factory=backend_factory)
         self.ctx = Context(workspace, pipeline, source, cache, self.models, self.progress, self.dry, max_retries)
         self.reuse = Reuse(self.ctx, reuse and mode == "run")
+        self.on, self.ray_address = on, ray_address
         self.run_id: int | None = None
         self.spec_dir = Path(source.file).resolve().parent.parent
         # The spec's file as one string however it was named (`p`, `pipelines/p.yaml`, an absolute path),
@@ -95,7 +98,9 @@ class Runner:
                 return result
             self._began = started
             # Before any record: an unreachable model or a missing key changes nothing.
-            await self.models.preflight(self.dry)
+            if self.on == "ray" and self.mode == "run":  # Ray installed? Its workers load local/vllm models
+                self.ctx.ray = cluster.RayCluster(cluster.RayOptions(address=self.ray_address))
+            await self.models.preflight(self.dry or self.ctx.ray is not None)
             self.reuse.load(["input", *(s.name for s in self.spec.stages)])
             source = self._read_input()
             path, limit, _ = self._input
@@ -107,6 +112,8 @@ class Runner:
         finally:
             result.seconds = time.monotonic() - started
             await self.models.aclose()
+            if self.ctx.ray is not None:
+                self.ctx.ray.close()
         return result
 
     def _start(self, result: RunResult) -> None:

@@ -3,7 +3,8 @@ misses to the model's workers, parse what comes back (re-asking when allowed), a
 output row per input row and sample. One call per distinct prompt, in flight or just answered.
 
 The producer renders and looks up chunks of CHUNK_ROWS rows; per model, a pool of
-`max_concurrency` workers takes the misses from a bounded queue; `deliver` parses each sample and
+`max_concurrency` workers takes the misses from a bounded queue (under `--on ray`, one pump sends
+them to the model's Ray actors in batches: retort.cluster); `deliver` parses each sample and
 `emit` appends the finished row to the stage's table (group-committed by the store)."""
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import asyncio
 import functools
 import hashlib
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pyarrow as pa
 
-from retort import costs
+from retort import cluster, costs
 from retort.backends.base import Backend, Completion, Request
 from retort.cache import call_key, create, request_base
 from retort.context import LINEAGE, NOT_CACHED, Context
@@ -111,6 +113,18 @@ def account(ctx: Context, stage: PromptStage, stats: StageStats) -> tuple[float,
     return rates
 
 
+async def complete(backend: Backend, limiter: Limiter, request: Request, max_retries: int,
+                   on_wait: Callable[[float, str], None] | None = None) -> Completion:
+    """One request, as every prompt-stage call is made (here, or in a Ray worker: retort.cluster): through
+    the model's limiter, retried; a token budget is charged an estimate, settled with the real usage."""
+    if not limiter.budgets_tokens:
+        return await call_with_retries(backend.complete, request, limiter, max_retries, on_wait=on_wait)
+    prompt = sum(len(m["content"]) for m in request.messages) / 4
+    estimate = (prompt + float(request.params.get("max_tokens") or 256)) * request.n
+    return await call_with_retries(backend.complete, request, limiter, max_retries, estimate, _completion_tokens,
+                                   on_wait)
+
+
 def _completion_tokens(completion: Completion) -> float:
     return completion.prompt_tokens + completion.completion_tokens
 
@@ -159,7 +173,10 @@ class PromptExecution:
             size = max(1, int(backend.max_concurrency or 1))
             q: asyncio.Queue[tuple[_Job, list[int], int] | None] = asyncio.Queue(maxsize=2 * size)
             self.queues[model] = q
-            self.workers += [asyncio.create_task(self.worker(model, backend, q)) for _ in range(size)]
+            if self.ctx.ray is not None:  # --on ray: one pump sends the queue to the model's Ray workers
+                self.workers.append(asyncio.create_task(self.ray_pump(model, backend, q)))
+            else:
+                self.workers += [asyncio.create_task(self.worker(model, backend, q)) for _ in range(size)]
         return self.queues[model]
 
     async def run(self, data: pa.Table) -> None:
@@ -242,6 +259,8 @@ class PromptExecution:
             if job.open == 0:
                 self.emit(job)
             return
+        if self.ctx.ray is not None and job.model not in self.queues:  # its workers up first: a bad config stops here
+            await cluster.pool_for(self.ctx, job.model)
         await self.queue(job.model).put((job, samples, attempt))
 
     async def worker(self, model: str, backend: Backend, q: asyncio.Queue[Any]) -> None:
@@ -254,34 +273,65 @@ class PromptExecution:
                                   model, choices)
                 begun = time.monotonic()
                 completion = await self.call(backend, limiter, request)
-                if len(completion.texts) != len(samples):
-                    raise BackendError(f"{len(completion.texts)} completions for {len(samples)} samples",
-                                       model=backend.identity)
-                latency = (time.monotonic() - begun) * 1000 / len(samples)
-                self.stats.prompt_tokens += completion.prompt_tokens
-                self.stats.completion_tokens += completion.completion_tokens
-                if self.stats.cost_usd is not None and self.rates is not None:
-                    self.stats.cost_usd += (completion.prompt_tokens * self.rates[0]
-                                            + completion.completion_tokens * self.rates[1]) / 1e6
-                share_p = completion.prompt_tokens // len(samples)
-                share_c = completion.completion_tokens // len(samples)
-                reasons = completion.finish_reasons or [None] * len(samples)  # type: ignore[list-item]
-                for key, i, text, reason in zip(keys, samples, completion.texts, reasons, strict=True):
-                    self.stats.calls_made += 1
-                    self.ctx.cache.add_call(key, backend.identity, job.base, i, attempt, text, reason, share_p,
-                                          share_c, latency, self.run_id, self.stage.name)
-                    self.settled[key] = text
-                    waiters = self.inflight.pop(key, [(job, i, attempt)])
-                    self.stats.cache_hits += len(waiters) - 1  # rows with the same prompt share the call
-                    for waiter, si, att in waiters:
-                        self.deliver(waiter, si, att, key, text, None)
-                self.ctx.progress.advance(self.stats)
+                self.settle(job, samples, attempt, keys, completion, time.monotonic() - begun, backend)
             except Exception as exc:  # any failure of a call is the row's failure, never a dead worker
                 error = exc if isinstance(exc, BackendError) else BackendError(
                     f"{type(exc).__name__}: {exc}", model=backend.identity)
                 self.fail(keys, error)
             finally:
                 q.task_done()
+
+    async def ray_pump(self, model: str, backend: Backend, q: asyncio.Queue[Any]) -> None:
+        """The workers' part under --on ray: the queue leaves in batches for the model's Ray actors
+        (retort.cluster), and each result settles here exactly as a local worker's call does."""
+        pool = await cluster.pool_for(self.ctx, model)
+        choices, schema = self.model_identity(model)[1], self.parser.schema
+
+        async def requests() -> AsyncIterator[list[tuple[Any, Request]]]:
+            async for items in cluster.batches_of(q, pool.batch):
+                yield [((job, samples, attempt), Request(job.messages, self.request_params(samples[0], attempt),
+                                                         len(samples), schema, model, choices))
+                       for job, samples, attempt in items]
+
+        async for done in pool.stream(requests()):
+            for (job, samples, attempt), (outcome, seconds) in done:
+                keys = [job.keys[i] if attempt == 0 else call_key(job.base, i, attempt) for i in samples]
+                try:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    self.settle(job, samples, attempt, keys, outcome, seconds, backend)
+                except Exception as exc:
+                    error = exc if isinstance(exc, BackendError) else BackendError(
+                        f"{type(exc).__name__}: {exc}", model=backend.identity)
+                    self.fail(keys, error)
+                finally:
+                    q.task_done()
+
+    def settle(self, job: _Job, samples: list[int], attempt: int, keys: list[str], completion: Completion,
+               seconds: float, backend: Backend) -> None:
+        """A call's completions: counted, added to the store, and delivered to every row waiting on them."""
+        if len(completion.texts) != len(samples):
+            raise BackendError(f"{len(completion.texts)} completions for {len(samples)} samples",
+                               model=backend.identity)
+        latency = seconds * 1000 / len(samples)
+        self.stats.prompt_tokens += completion.prompt_tokens
+        self.stats.completion_tokens += completion.completion_tokens
+        if self.stats.cost_usd is not None and self.rates is not None:
+            self.stats.cost_usd += (completion.prompt_tokens * self.rates[0]
+                                    + completion.completion_tokens * self.rates[1]) / 1e6
+        share_p = completion.prompt_tokens // len(samples)
+        share_c = completion.completion_tokens // len(samples)
+        reasons = completion.finish_reasons or [None] * len(samples)  # type: ignore[list-item]
+        for key, i, text, reason in zip(keys, samples, completion.texts, reasons, strict=True):
+            self.stats.calls_made += 1
+            self.ctx.cache.add_call(key, backend.identity, job.base, i, attempt, text, reason, share_p,
+                                    share_c, latency, self.run_id, self.stage.name)
+            self.settled[key] = text
+            waiters = self.inflight.pop(key, [(job, i, attempt)])
+            self.stats.cache_hits += len(waiters) - 1  # rows with the same prompt share the call
+            for waiter, si, att in waiters:
+                self.deliver(waiter, si, att, key, text, None)
+        self.ctx.progress.advance(self.stats)
 
     def fail(self, keys: list[str], exc: BackendError) -> None:
         """Record the samples behind `keys` as failed (in `failures`); their rows close without them."""
@@ -324,13 +374,8 @@ class PromptExecution:
         return {**self.params, "seed": seed + first_sample + 1000 * attempt}
 
     async def call(self, backend: Backend, limiter: Limiter, request: Request) -> Completion:
-        on_wait = functools.partial(self.ctx.progress.waiting, self.stats)
-        if not limiter.budgets_tokens:
-            return await call_with_retries(backend.complete, request, limiter, self.ctx.max_retries, on_wait=on_wait)
-        prompt = sum(len(m["content"]) for m in request.messages) / 4
-        estimate = (prompt + float(request.params.get("max_tokens") or 256)) * request.n
-        return await call_with_retries(backend.complete, request, limiter, self.ctx.max_retries, estimate,
-                                       _completion_tokens, on_wait)
+        return await complete(backend, limiter, request, self.ctx.max_retries,
+                              functools.partial(self.ctx.progress.waiting, self.stats))
 
     def deliver(self, job: _Job, sample: int, attempt: int, key: str, text: str, error: str | None) -> None:
         """A sample's text arrived (cache or call): parse it, re-ask if allowed, close the row when complete.
