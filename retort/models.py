@@ -62,11 +62,12 @@ class Models:
         return {stage.model for stage in self.spec.stages
                 if isinstance(stage, (PromptStage, EmbedStage)) and isinstance(stage.model, str)}
 
-    async def preflight(self, dry: bool) -> None:
-        """Fail fast, before any work, on an endpoint that refuses connections."""
+    async def preflight(self, here: bool = True) -> None:
+        """Fail fast, before any work, on an endpoint that refuses connections. `here=False`: this
+        process makes no call (a plan, a validate, a run on Ray), so weights are not loaded to check."""
         for name in sorted(self.used()):
-            if dry and self.config(name).get("backend") in ("local", "vllm"):
-                continue  # checking would load the weights; a plan or validate never calls them
+            if not here and self.config(name).get("backend") in ("local", "vllm"):
+                continue  # checking would load the weights, for nothing
             backend = self.backend(name)
             served = await backend.check()
             if hasattr(backend, "use_model"):  # an endpoint named without a model: the one it serves

@@ -100,7 +100,7 @@ class Runner:
             # Before any record: an unreachable model or a missing key changes nothing.
             if self.on == "ray" and self.mode == "run":  # Ray installed? Its workers load local/vllm models
                 self.ctx.ray = cluster.RayCluster(cluster.RayOptions(address=self.ray_address))
-            await self.models.preflight(self.dry or self.ctx.ray is not None)
+            await self.models.preflight(here=not self.dry and self.ctx.ray is None)
             self.reuse.load(["input", *(s.name for s in self.spec.stages)])
             source = self._read_input()
             path, limit, _ = self._input
