@@ -203,6 +203,7 @@ async def _execute(mode: str, pipeline: str | Path, input: Input | None, models:
                         columns=dict(columns or {}), limit=limit, sample=sample, seed=seed, model_targets=targets,
                         progress=shown or Progress(), max_retries=retries, reuse=reuse, max_failures=max_failures,
                         argv=f"python: retort.{mode}({str(pipeline)!r})", on=on, ray_address=ray_address)
+        runner.models.check_targets()
         if shown is not None:
             with shown:
                 outcome = await runner.execute()

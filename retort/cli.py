@@ -44,11 +44,13 @@ def _runner(args: argparse.Namespace, mode: str, cache: Any, progress: Any = Non
     ws = _workspace(args)
     pipeline, source = load_pipeline(ws.pipeline(args.pipeline), args.set or [])
     targets = {name: backends.parse_target(t) for name, t in name_values(args.model, "--model").items()}
-    return Runner(ws, pipeline, source, cache, mode=mode, input_path=args.input, columns=name_values(args.map, "--map"),
-                  limit=args.limit, sample=args.sample, seed=args.seed, model_targets=targets, progress=progress,
-                  max_retries=args.retries, argv=shlex.join(sys.argv[1:]),
-                  reuse=not getattr(args, "no_reuse", False), max_failures=getattr(args, "max_failures", 0),
-                  on=getattr(args, "on", "local"), ray_address=getattr(args, "ray_address", None))
+    runner = Runner(ws, pipeline, source, cache, mode=mode, input_path=args.input,
+                    columns=name_values(args.map, "--map"), limit=args.limit, sample=args.sample, seed=args.seed,
+                    model_targets=targets, progress=progress, max_retries=args.retries, argv=shlex.join(sys.argv[1:]),
+                    reuse=not getattr(args, "no_reuse", False), max_failures=getattr(args, "max_failures", 0),
+                    on=getattr(args, "on", "local"), ray_address=getattr(args, "ray_address", None))
+    runner.models.check_targets()
+    return runner
 
 
 def cmd_run(args: argparse.Namespace) -> int:

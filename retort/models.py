@@ -57,6 +57,20 @@ class Models:
         self.backend(name)
         return self._limiters[name]
 
+    def check_targets(self) -> None:
+        """A target for a model the pipeline does not name (in `models:`, a stage, or a param such as
+        LbT M3's `students`) is a typo, not a no-op: `--model techer=...` would otherwise run the real
+        teacher with nobody told."""
+        if any(isinstance(stage, (PromptStage, EmbedStage)) and not isinstance(stage.model, str)
+               for stage in self.spec.stages):
+            return  # a model per row: its names come from the data (LbT's students), unknown until then
+        named = [v for value in self.spec.params.values() for v in (value if isinstance(value, list) else [value])]
+        known = {"*", "default", *self.spec.models, *self.used(), *(v for v in named if isinstance(v, str))}
+        unknown = sorted(set(self.targets) - known)
+        if unknown:
+            raise NotFoundError(f"{self.src.file}: no model named {unknown[0]!r} to target "
+                                f"(models: {', '.join(sorted(known - {'*'}))}; '*' targets every one)")
+
     def used(self) -> set[str]:
         """The models the pipeline's stages name (a per-row model names them in its column)."""
         return {stage.model for stage in self.spec.stages

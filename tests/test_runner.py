@@ -259,3 +259,21 @@ def test_a_python_stage_keeps_every_key_its_rows_have(workspace: Path) -> None:
     assert result.stages[0].rows_out == 6
     rows = query(workspace, "SELECT text, note FROM main.out ORDER BY text")
     assert rows == [(f"item {i}", None if i == 0 else "later") for i in range(6)]
+
+
+def test_a_target_for_a_model_the_pipeline_does_not_name_is_refused(tmp_path: Path) -> None:
+    """`--model techer=...` (a typo) must not run the spec's own model with nobody told."""
+    from tests.conftest import run_cli
+
+    proc = run_cli("run", "sse_cot", "--model", "default=scripted:retort.backends.scripted:echo",
+                   "--model", "techer=scripted:retort.backends.scripted:echo", "--limit", "2", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no model named 'techer' to target" in proc.stderr and "Traceback" not in proc.stderr
+    ok = run_cli("run", "sse_cot", "--model", "*=scripted:retort.backends.scripted:echo", "--limit", "2",
+                 cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    cache = Cache(tmp_path / ".retort" / "retort.duckdb", read_only=True)
+    try:  # the refused run left no record: the first run is the one that ran
+        assert [r.run_id for r in cache.runs(10)] == [1]
+    finally:
+        cache.close()
