@@ -46,7 +46,9 @@ def cluster() -> Iterator[str]:
     port = _free_port()
     env = {**os.environ, **RAY_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), str(STANDIN)]),
            "RETORT_ALLOWED_BACKENDS": "scripted,openai,vllm", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+    beside = Path(sys.executable).parent / "ray"  # the ray of this interpreter, whether or not its bin is on PATH
+    ray = str(beside) if beside.exists() else "ray"
+    proc = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                              "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
