@@ -41,6 +41,9 @@ class Context:
     known: dict[str, list[str]] = field(default_factory=dict)  # columns of the tables this run reused
     completion: dict[str, float] = field(default_factory=dict)  # plan: expected completion tokens per call
     _env: Any = None  # the workspace's Jinja environment, made on first use
+    # A pipeline stage's template and parser, compiled once per run: the fingerprint (parts) and the
+    # build (run) both need them. Keyed by the stage object, which the spec holds, so ids stay unique.
+    _compiled: dict[int, tuple[Template, Parser]] = field(default_factory=dict)
     ray: Any = None  # under --on ray, the run's retort.cluster.RayCluster: prompt-stage misses go there
 
     def table(self, name: str) -> str:
@@ -82,6 +85,17 @@ class Context:
             return self.cache.select(f"SELECT * FROM {source}" + (f" WHERE {' AND '.join(filters)}" if filters else ""))
         except (duckdb.Error, NotReadOnly) as exc:
             raise self.stage_error(stage, "where", first_line(exc)) from None
+
+    def compiled(self, stage: PromptStage) -> tuple[Template, Parser]:
+        """The stage's template and parser; a stage of the spec's compiles once per run, a stage made on
+        the fly (a Python stage's `ctx.prompt`) each time."""
+        key = id(stage)
+        if key in self._compiled:
+            return self._compiled[key]
+        pair = self.template(stage), self.parser(stage)
+        if any(s is stage for s in self.spec.stages):
+            self._compiled[key] = pair
+        return pair
 
     def template(self, stage: PromptStage) -> Template:
         if stage.template is not None:

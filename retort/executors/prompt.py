@@ -38,20 +38,20 @@ class PromptExecutor:
     def parts(self, ctx: Context, stage: PromptStage, stats: StageStats) -> tuple[str | None, ...]:
         """The template with everything it includes, and the parser with the code it runs (their
         digests go to the run's record, which export manifests name)."""
-        template, parser = ctx.template(stage), ctx.parser(stage)
+        template, parser = ctx.compiled(stage)
         stats.template = template.digest()
         stats.parser = hashlib.sha256(parser.identity.encode()).hexdigest()
         return stats.template, parser.identity
 
     async def run(self, ctx: Context, stage: PromptStage, stats: StageStats) -> None:
-        template, parser = ctx.template(stage), ctx.parser(stage)
+        template, parser = ctx.compiled(stage)
         source = ctx.source_table(stage, stage.from_)
         columns = ctx.columns(stage.from_)
         try:
             template.check_columns(columns)
         except TemplateError as exc:
             if stage.from_ == "input":
-                                raise DatasetError(f"{ctx.input_has} no column {str(exc).split(chr(39))[1]!r}, which "
+                raise DatasetError(f"{ctx.input_has} no column {str(exc).split(chr(39))[1]!r}, which "
                                    f"{template.name} (line {exc.line}) needs; map one with "
                                    f"--map NAME=COLUMN or input.columns") from None
             raise
